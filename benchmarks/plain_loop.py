@@ -1,0 +1,71 @@
+"""The baseline: a plain single-process PyTorch training loop, nothing but torch.
+
+Same model (distlm's Transformer, built from the same config), same batch, same AdamW with
+weight decay on matrices, same gradient clipping and LR schedule as ``distlm train``. Batches
+are random windows of an in-memory token array (nanoGPT's get_batch), so the baseline pays no
+data-loading cost at all. Prints one JSON line: tokens/s over the timed steps.
+
+    python benchmarks/plain_loop.py CONFIG.yaml --tokens FILE.npy --steps 200 --warmup 20 [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from distlm.config import load_config
+from distlm.model import Transformer, parameter_groups
+from distlm.train.schedule import learning_rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--tokens", required=True, help=".npy file of training token ids")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--log-every", type=int, default=10)
+    args = parser.parse_args()
+
+    cfg = load_config(args.config, args.overrides)
+    data = torch.from_numpy(np.load(args.tokens).astype(np.int64))
+    seq_len, batch = cfg.train.seq_len, cfg.train.batch_size
+    cfg.model.max_seq_len = cfg.model.max_seq_len or seq_len
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+
+    def get_batch():
+        starts = torch.randint(len(data) - seq_len - 1, (batch,))
+        x = torch.stack([data[i:i + seq_len] for i in starts])
+        y = torch.stack([data[i + 1:i + 1 + seq_len] for i in starts])
+        return x, y
+
+    total = args.warmup + args.steps
+    for step in range(total):
+        if step == args.warmup:
+            started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg.optim, total)
+        x, y = get_batch()
+        loss = model(x, y)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % args.log_every == 0:
+            loss.item()  # the same host sync a logged step costs distlm
+    seconds = time.perf_counter() - started
+    print(json.dumps({"tokens_per_s": args.steps * batch * seq_len / seconds, "steps": args.steps,
+                      "seconds": seconds, "final_loss": loss.item()}))
+
+
+if __name__ == "__main__":
+    main()

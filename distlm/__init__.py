@@ -1,0 +1,3 @@
+"""distlm: distributed pretraining for transformer language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from distlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""Checkpoints v1: DeepSpeed's engine state plus distlm's own (step, data position, RNG).
+
+Layout of one checkpoint::
+
+    CKPT_DIR/latest                  the newest committed tag, e.g. "step-00000100"
+    CKPT_DIR/step-00000100/          DeepSpeed's model / optimizer / ZeRO shards
+        distlm-rank00000.pt          this rank's RNG states (torch.load(weights_only=True))
+        distlm.json                  step, data position, counters, config; written last
+
+``distlm.json`` is the commit marker: a folder without it is an interrupted save and is never
+loaded. ``latest`` is replaced only after it. (Fsync ordering, hashes, fallback and async
+saves come with the checkpoint issue; they slot into :func:`save` and :func:`find_resume`.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from distlm.parallel.distributed import DistContext, barrier
+
+MARKER = "distlm.json"
+TAG_RE = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that was asked for, or that must exist, cannot be used."""
+
+
+@dataclass
+class TrainState:
+    """What the loop needs, besides the engine, to continue exactly where it stopped."""
+
+    step: int = 0               # optimizer steps completed
+    rows_consumed: int = 0      # global training rows read (the data stream's position)
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0      # training wall time before this process started
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # numpy's state holds an ndarray, which weights_only loading refuses: store plain ints.
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, ckpt_dir: str | os.PathLike, state: TrainState, config: dict, ctx: DistContext,
+         keep_last: int = 0, log: Callable[[str], None] = print) -> Path:
+    """Save on every rank (a collective call); return the checkpoint folder."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(state.step)
+    path = ckpt_dir / tag
+    started = time.perf_counter()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    torch.save(rng_state(), path / f"distlm-rank{ctx.rank:05d}.pt")
+    barrier()  # every rank's files are on disk before the marker says the folder is whole
+    if ctx.is_main:
+        marker = {"step": state.step, "state": asdict(state), "world_size": ctx.world_size,
+                  "saved_at": time.time(), "config": config}
+        _atomic_write_text(path / MARKER, json.dumps(marker, indent=1))
+        _atomic_write_text(ckpt_dir / "latest", tag)
+        removed = apply_retention(ckpt_dir, keep_last, protect=tag)
+        log(f"checkpoint {path} saved in {time.perf_counter() - started:.1f} s"
+            + (f"; removed {', '.join(removed)}" if removed else ""))
+    barrier()
+    return path
+
+
+def committed_steps(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint folders that finished saving, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def apply_retention(ckpt_dir: Path, keep_last: int, protect: str) -> list[str]:
+    if keep_last <= 0:
+        return []
+    removed = []
+    for old in committed_steps(ckpt_dir)[:-keep_last]:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old.name)
+    return removed
+
+
+# --------------------------------------------------------------------------- load
+
+
+def find_resume(resume: str, ckpt_dir: str | os.PathLike, log: Callable[[str], None] = print) -> Optional[Path]:
+    """Which checkpoint to continue from: None for a fresh start.
+
+    Never starts from scratch silently: with ``auto``, checkpoint folders that exist but none of
+    which finished saving are an error, not a fresh run.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise CheckpointError(f"train.resume={resume}: no finished checkpoint there "
+                                  f"(expected {path / MARKER}); point it at a step-N folder or use auto")
+        return path
+    done = committed_steps(ckpt_dir)
+    latest_file = ckpt_dir / "latest"
+    if latest_file.is_file():
+        tag = latest_file.read_text().strip()
+        if (ckpt_dir / tag / MARKER).is_file():
+            return ckpt_dir / tag
+        log(f"WARNING: {latest_file} names {tag!r}, which is not a finished checkpoint; "
+            f"using the newest finished one instead")
+    if done:
+        return done[-1]
+    partial = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name)] if ckpt_dir.is_dir() else []
+    if partial:
+        raise CheckpointError(f"{ckpt_dir} holds {', '.join(sorted(partial))} but none finished saving "
+                              f"(no {MARKER}); delete them to start fresh, or set train.resume=never")
+    return None
+
+
+def load(engine, path: Path, ctx: DistContext, log: Callable[[str], None] = print) -> TrainState:
+    """Restore the engine and RNG on every rank; return the loop's state."""
+    marker = json.loads((path / MARKER).read_text())
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {path}")
+    rng_file = path / f"distlm-rank{ctx.rank:05d}.pt"
+    if marker.get("world_size") == ctx.world_size and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    elif ctx.is_main:
+        log(f"NOTE: {path} was saved by {marker.get('world_size')} ranks and is loaded by "
+            f"{ctx.world_size}; random states start afresh (data order is unaffected)")
+    return TrainState(**marker["state"])

@@ -1,0 +1,395 @@
+"""Typed configuration: dataclasses, YAML files and ``key.sub=value`` overrides.
+
+A run is described by one :class:`Config`. It is read from a YAML file, overridden from the
+command line (``train.max_steps=100 optim.lr=3e-4``), validated, and saved next to the run
+as ``config.yaml``. Everything that can be wrong with a config is found here, before any
+process group starts, and the error names the key and the allowed values.
+
+This module knows nothing of torch.distributed: the data-parallel size it validates against
+is passed in by the caller (see :func:`world_size_from_env`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or contradicts another key."""
+
+
+@dataclass
+class ModelConfig:
+    """The transformer. ``vocab_size`` and ``max_seq_len`` default to the data's manifest."""
+
+    vocab_size: Optional[int] = None
+    """Rows of the embedding table; None takes the tokenizer's size from the data manifest."""
+    max_seq_len: Optional[int] = None
+    """Longest sequence the model accepts; None takes the data's seq_len."""
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means n_heads (plain multi-head)."""
+    d_ff: Optional[int] = None
+    """Hidden width of the MLP; None means 4*d_model for gelu and 8/3*d_model (rounded) for swiglu."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    pos: Literal["sinusoidal", "learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    """Std of the normal init; output projections of each block are scaled by 1/sqrt(2*n_layers)."""
+    objective: Literal["clm"] = "clm"
+    """Training objective; causal language modelling (masked LM comes with the toolkit)."""
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    """A folder written by ``distlm prepare`` (holds manifest.json)."""
+    num_workers: int = 1
+    """Loader processes per rank; 0 reads in the training process."""
+    shuffle_blocks: int = 8
+    """Rows are shuffled within windows of this many consecutive blocks (tar members)."""
+    seed: int = 1234
+    """Seeds the order of shards and rows; the order is a pure function of (seed, epoch, row)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (reserved: only 1 is supported yet)."""
+    pp: int = 1
+    """Pipeline-parallel size (reserved: only 1 is supported yet)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    """The learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Applied to matrices only (not to biases, norms or embeddings' positions)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    warmup_steps: int = 100
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: Optional[int] = None
+    """Step at which the decay reaches min_lr; None means train.max_steps."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 12
+    """Global batch in sequences per optimizer step, across all data-parallel ranks."""
+    micro_batch_size: Optional[int] = None
+    """Sequences per rank per forward pass; None means batch_size / dp (no accumulation)."""
+    seq_len: Optional[int] = None
+    """Tokens per training sequence; None takes the data's seq_len."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 0
+    """Validate every N steps (and at the end); 0 validates only at the end."""
+    eval_iters: int = 50
+    """Validation batches per evaluation (the validation rows repeat if there are fewer)."""
+    save_every: int = 0
+    """Checkpoint every N steps (and at the end); 0 saves only at the end."""
+    resume: str = "auto"
+    """``auto`` continues from the newest checkpoint in checkpoint.dir, ``never`` starts fresh,
+    anything else is the path of one checkpoint folder."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s of one device for MFU; None uses a known GPU's datasheet value (none on CPU)."""
+    threads: Optional[int] = None
+    """torch intra-op threads per process; None keeps torch's (or OMP_NUM_THREADS's) choice."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Where checkpoints go; None means RUN_DIR/checkpoints."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints; 0 keeps all."""
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = False
+    """Serve Prometheus metrics from every rank."""
+    port: int = 9400
+    """Rank r serves on port + local_rank."""
+    bind: str = "127.0.0.1"
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """The run directory: config.yaml, metrics.jsonl, checkpoints."""
+    name: Optional[str] = None
+    """A label for logs and metrics; None uses the run directory's name."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    deepspeed: dict = field(default_factory=dict)
+    """Passed through to DeepSpeed's config, over the keys distlm derives (advanced use)."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or the defaults), apply ``key.sub=value`` overrides, check types."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, not {type(raw).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    try:
+        return from_dict(Config, raw, where="")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value, e.g. train.max_steps=100")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key before '='")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls, raw: Any, where: str):
+    """Build dataclass ``cls`` from a mapping, naming the key of anything that does not fit."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(
+            f"unknown key {_join(where, key)}{hint}; allowed keys: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, _join(where, name))
+    return cls(**values)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _coerce(tp, value: Any, key: str):
+    """Check ``value`` against annotation ``tp``; convert int->float where harmless."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping; got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported config type {tp}")  # a bug in this module, not the user's
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def world_size_from_env(env: Optional[dict] = None) -> int:
+    """The number of processes the launcher started (1 when run directly)."""
+    env = os.environ if env is None else env
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+        if env.get(name):
+            return int(env[name])
+    return 1
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How the global batch splits: batch_size = micro_batch_size * grad_accum * dp."""
+
+    dp: int
+    micro_batch_size: int
+    grad_accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.dp * self.micro_batch_size * self.grad_accum
+
+
+def batch_layout(cfg: Config, world_size: int) -> BatchLayout:
+    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size // max(dp, 1)
+    if micro < 1 or cfg.train.batch_size % (micro * dp):
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must be a multiple of "
+            f"train.micro_batch_size ({micro}) x data-parallel size ({dp}); "
+            f"choose train.batch_size from {[micro * dp * k for k in (1, 2, 4, 8)]} "
+            f"or set train.micro_batch_size"
+        )
+    return BatchLayout(dp=dp, micro_batch_size=micro, grad_accum=cfg.train.batch_size // (micro * dp))
+
+
+def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
+    """Reject impossible combinations before any process group starts."""
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(cfg.data.path is not None, "data.path is not set: point it at a folder written by `distlm prepare`")
+    need(p.tp == 1 and p.pp == 1, "parallel.tp and parallel.pp must be 1 for now (tensor/pipeline parallelism is not built yet)")
+    need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be one of 0, 1, 2, 3; got {p.zero_stage}")
+    need(world_size % (p.tp * p.pp) == 0, f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp * p.pp}")
+    for key, value in (("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
+                       ("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
+                       ("train.log_every", t.log_every), ("train.eval_iters", t.eval_iters)):
+        need(value >= 1, f"{key} must be at least 1; got {value}")
+    for key, value in (("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
+                       ("optim.warmup_steps", o.warmup_steps), ("data.num_workers", cfg.data.num_workers),
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("optim.grad_clip", o.grad_clip),
+                       ("optim.weight_decay", o.weight_decay)):
+        need(value >= 0, f"{key} must be 0 or more; got {value}")
+    need(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    kv = m.n_kv_heads or m.n_heads
+    need(1 <= kv <= m.n_heads and m.n_heads % kv == 0,
+         f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")
+    need(m.pos != "rope" or (m.d_model // m.n_heads) % 2 == 0,
+         f"model.pos=rope needs an even head size; d_model/n_heads = {m.d_model // m.n_heads}")
+    need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1); got {m.dropout}")
+    need(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr}) and optim.lr > 0")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
+    need(t.resume not in ("", None), "train.resume must be auto, never, or a checkpoint folder")
+    need(1 <= cfg.metrics.port <= 65535, f"metrics.port must be a TCP port; got {cfg.metrics.port}")
+    if t.seq_len is not None and m.max_seq_len is not None:
+        need(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    return batch_layout(cfg, world_size)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically: a crash leaves the old file or the new)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every settable dotted key, for help texts."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys

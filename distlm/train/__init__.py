@@ -1,0 +1,1 @@
+"""Engine setup, the step, the loop, LR schedules and evaluation."""

@@ -1,0 +1,151 @@
+"""The training loop: build, resume, then for each step: batch -> step -> log -> eval -> save.
+
+Everything with a job of its own (the engine, the data stream, checkpoints, the log) lives in
+its own module; this page only says in which order they are called.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from distlm.checkpoint import state as checkpoint
+from distlm.checkpoint.state import TrainState
+from distlm.config import Config, save_config, to_dict, validate, world_size_from_env
+from distlm.data import TokenStream, load_manifest, make_loader
+from distlm.metrics.logger import RunLog
+from distlm.metrics.mfu import device_peak_flops, mfu
+from distlm.model import Transformer, flops_per_token, parameter_groups
+from distlm.parallel.distributed import all_reduce_mean, init_distributed
+from distlm.train.engine import build_engine, set_learning_rate
+from distlm.train.evaluate import evaluate
+from distlm.train.resources import memory_bytes
+from distlm.train.schedule import learning_rate
+from distlm.train.step import train_step
+
+
+def resolve_from_data(cfg: Config) -> Config:
+    """Fill the model and sequence sizes that default to the prepared data's."""
+    manifest = load_manifest(cfg.data.path)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = manifest.vocab_size
+    elif cfg.model.vocab_size < manifest.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
+                         f"tokenizer ({manifest.vocab_size} ids in {cfg.data.path}/manifest.json)")
+    if cfg.train.seq_len is None:
+        cfg.train.seq_len = manifest.seq_len
+    elif cfg.train.seq_len > manifest.seq_len:
+        raise ValueError(f"train.seq_len={cfg.train.seq_len} is longer than the rows in {cfg.data.path} "
+                         f"(seq_len {manifest.seq_len}); prepare the data with --seq-len {cfg.train.seq_len}")
+    if cfg.model.max_seq_len is None:
+        cfg.model.max_seq_len = cfg.train.seq_len
+    return cfg
+
+
+def train(cfg: Config) -> dict:
+    """Train until ``train.max_steps``; return the last logged metrics (rank 0) for callers."""
+    layout = validate(cfg, world_size_from_env())  # before any process group starts
+    cfg = resolve_from_data(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    ctx = init_distributed(cfg.train.device)
+    run_dir = Path(cfg.run.dir)
+    ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    log = RunLog(run_dir, cfg.train.max_steps, enabled=ctx.is_main)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    # Same initial weights on every rank; then a different dropout stream per rank.
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    engine = build_engine(model, parameter_groups(model, cfg.optim.weight_decay), cfg, layout, ctx.device)
+    torch.manual_seed(cfg.train.seed + ctx.rank)
+
+    state = TrainState()
+    resume_from = checkpoint.find_resume(cfg.train.resume, ckpt_dir, log.info)
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from, ctx, log.info)
+        dropped = log.truncate_after(state.step)
+        log.info(f"resumed from {resume_from} at step {state.step}"
+                 + (f" ({dropped} metrics rows after it dropped)" if dropped else ""))
+
+    tokens_per_step = layout.global_batch * cfg.train.seq_len
+    n_params = model.num_params(non_embedding=True)
+    flops = flops_per_token(cfg.model, cfg.train.seq_len, n_params)
+    peak = cfg.train.peak_flops or device_peak_flops(ctx.device, cfg.train.precision)
+    log.info(f"model {n_params / 1e6:.2f}M non-embedding parameters, {flops / 1e6:.1f} MFLOP/token | "
+             f"world {ctx.world_size} x micro-batch {layout.micro_batch_size} x accumulation "
+             f"{layout.grad_accum} = {layout.global_batch} sequences of {cfg.train.seq_len} | "
+             f"ZeRO {cfg.parallel.zero_stage} | {cfg.train.precision} on {ctx.device.type}")
+
+    stream = TokenStream(cfg.data.path, "train", micro_batch_size=layout.micro_batch_size,
+                         dp_rank=ctx.rank, dp_size=layout.dp, seed=cfg.data.seed,
+                         shuffle_blocks=cfg.data.shuffle_blocks, start_row=state.rows_consumed,
+                         seq_len=cfg.train.seq_len)
+    batches = iter(make_loader(stream, cfg.data.num_workers))
+
+    last = {}
+    interval = _Interval()
+    started = time.perf_counter() - state.elapsed_s
+    while state.step < cfg.train.max_steps:
+        step = state.step
+        lr = learning_rate(step, cfg.optim, cfg.train.max_steps)
+        set_learning_rate(engine, lr)
+        logging_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps
+
+        wait_start = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(layout.grad_accum)]
+        interval.data_s += time.perf_counter() - wait_start
+        result = train_step(engine, micro_batches, ctx.device, want_grad_norm=logging_now)
+
+        state.step += 1
+        state.rows_consumed += layout.global_batch
+        state.tokens_seen += tokens_per_step
+        interval.steps += 1
+
+        if logging_now:
+            loss = all_reduce_mean(result.loss).item()
+            seconds = interval.seconds()
+            tokens_per_s = interval.steps * tokens_per_step / seconds
+            last = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
+                    "tokens_per_s": tokens_per_s, "elapsed_s": time.perf_counter() - started,
+                    "ms_per_step": 1000 * seconds / interval.steps,
+                    "mfu": mfu(flops, tokens_per_s, ctx.world_size, peak),
+                    "data_wait": interval.data_s / seconds, "tokens": state.tokens_seen,
+                    "mem_bytes": memory_bytes(ctx.device)}
+            log.step(last)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
+            interval = _Interval()
+
+        final = state.step == cfg.train.max_steps
+        if final or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
+            val_loss, n = evaluate(engine, cfg, layout, ctx)
+            log.eval({"step": state.step, "val_loss": val_loss, "val_batches": n,
+                      "elapsed_s": time.perf_counter() - started})
+            last["val_loss"] = val_loss
+            interval = _Interval()  # keep evaluation time out of the next throughput figure
+        if final or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
+            state.elapsed_s = time.perf_counter() - started
+            checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), ctx, cfg.checkpoint.keep_last, log.info)
+            interval = _Interval()
+
+    log.info(f"done: {state.step} steps, {state.tokens_seen / 1e6:.2f}M tokens in "
+             f"{time.perf_counter() - started:.0f} s; run folder {run_dir}")
+    return last
+
+
+class _Interval:
+    """Wall time and data-wait time since the last log line."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.data_s = 0.0
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)

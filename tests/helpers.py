@@ -1,0 +1,46 @@
+"""Spawn real distlm processes (one, or several through torchrun) with hard timeouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def distlm_command(args: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "distlm", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "distlm", *args]
+
+
+def run_distlm(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``distlm ARGS`` in fresh processes; kill the whole process group on timeout."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(distlm_command(args, nproc), cwd=ROOT, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"distlm {' '.join(args)} (nproc={nproc}) hung past {timeout} s:\n{out[-4000:]}")
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"distlm {' '.join(args)} (nproc={nproc}) exited {proc.returncode}:\n{out[-6000:]}")
+    return result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_rows(run_dir: Path) -> list[dict]:
+    return [row for row in read_metrics(run_dir) if "loss" in row]
