@@ -24,7 +24,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
     kwargs = {"inputs": args.inputs, "out_dir": args.out, "tokenizer": args.tokenizer,
               "seq_len": args.seq_len, "text_field": args.text_field, "shard_mb": args.shard_mb,
-              "block_rows": args.block_rows}
+              "block_rows": args.block_rows, "stride": args.stride}
     if args.val_fraction is not None:
         kwargs["val_fraction"] = args.val_fraction
     prepare_corpus(**kwargs, log=lambda message: print(message, file=sys.stderr, flush=True))
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence (default 1024)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="share of the token stream's tail held out for validation")
+    p.add_argument("--stride", type=int, default=None,
+                   help="training rows start every N tokens (default: seq-len); smaller values write "
+                        "overlapping windows, like nanoGPT's random windows, for a small corpus")
     p.add_argument("--text-field", default="text", help="JSONL field that holds the text (default text)")
     p.add_argument("--shard-mb", type=float, default=256, help="approximate shard size in MB (default 256)")
     p.add_argument("--block-rows", type=int, default=None,

@@ -84,7 +84,9 @@ class OptimConfig:
     min_lr: float = 1e-4
     """The learning rate at the end of the decay."""
     weight_decay: float = 0.1
-    """Applied to matrices only (not to biases, norms or embeddings' positions)."""
+    """Applied to matrices only: never to biases or norm gains."""
+    decay_embeddings: bool = True
+    """Whether embedding tables (and a tied head) count as matrices for weight decay (GPT-2, nanoGPT: yes)."""
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8

@@ -204,11 +204,12 @@ def test_untied_embeddings_do_not_share():
     assert not torch.equal(model.lm_head.weight, model.tok_emb.weight)
 
 
+@pytest.mark.parametrize("decay_embeddings", [True, False])
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
-def test_parameter_groups(tie, pos):
+def test_parameter_groups(tie, pos, decay_embeddings):
     model = build(tie_embeddings=tie, pos=pos, bias=True, norm="layernorm")
-    decay, no_decay = parameter_groups(model, 0.1)
+    decay, no_decay = parameter_groups(model, 0.1, decay_embeddings=decay_embeddings)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     ids_decay = [id(p) for p in decay["params"]]
     ids_no = [id(p) for p in no_decay["params"]]
@@ -216,15 +217,13 @@ def test_parameter_groups(tie, pos):
     assert sorted(ids_decay + ids_no) == sorted(all_ids), "every parameter in exactly one group"
     assert not set(ids_decay) & set(ids_no)
     assert all(p.dim() >= 2 for p in decay["params"])
-    assert all(p.dim() == 1 for p in no_decay["params"] if id(p) != id(model.tok_emb.weight)
-               and (pos != "learned" or id(p) != id(model.pos_emb.weight)))
-    assert id(model.tok_emb.weight) in ids_no
-    if pos == "learned":
-        assert id(model.pos_emb.weight) in ids_no
+    embeddings = {id(model.tok_emb.weight)} | ({id(model.pos_emb.weight)} if pos == "learned" else set())
+    assert all(p.dim() == 1 for p in no_decay["params"] if id(p) not in embeddings)
+    assert embeddings <= set(ids_decay if decay_embeddings else ids_no)
     if not tie:
         assert id(model.lm_head.weight) in ids_decay
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[i].rsplit(".", 2)[-2] for i in ids_decay}
+    decayed = {names[i].rsplit(".", 2)[-2] for i in ids_decay if i not in embeddings}
     assert decayed <= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"} <= decayed
     # the groups are what a torch optimizer accepts

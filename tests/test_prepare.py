@@ -252,3 +252,28 @@ def test_tiny_shakespeare_char(tmp_path):
     assert m["vocab_size"] == 66
     text = SHAKESPEARE.read_text(encoding="utf-8")
     check_dataset(out, load_tokenizer(out), [text], 256)
+
+
+@pytest.mark.parametrize("stride, block_rows", [(1, 7), (3, 5), (8, 2), (8, None)])
+def test_stride_writes_every_window_of_the_training_stream(tmp_path, stride, block_rows):
+    text = "the quick brown fox jumps over the lazy dog " * 5
+    (tmp_path / "one.txt").write_text(text)
+    seq_len = 8
+    out = tmp_path / "ds"
+    prepare_corpus([str(tmp_path / "one.txt")], out, tokenizer="byte", seq_len=seq_len, val_fraction=0.2,
+                   block_rows=block_rows, stride=stride, log=quiet)
+    m = load_manifest(out)
+    train = expected_stream(ByteTokenizer(), [text])[: m.split("train").tokens]
+    windows = np.lib.stride_tricks.sliding_window_view(train, seq_len + 1)[::stride]
+    np.testing.assert_array_equal(split_rows(out, "train"), windows)
+    assert m.split("train").rows == len(windows) and m.split("train").stride == stride
+    assert m.split("train").dropped_tokens == len(train) - ((len(windows) - 1) * stride + seq_len + 1)
+    # validation keeps stride seq_len: every token predicted once
+    assert m.split("val").stride == seq_len
+    assert split_rows(out, "val").shape[0] == (m.split("val").tokens - 1) // seq_len
+
+
+def test_stride_out_of_range_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 20)
+    with pytest.raises(PrepareError, match="stride must be between 1 and seq_len"):
+        prepare_corpus([str(tmp_path / "a.txt")], tmp_path / "out", seq_len=8, stride=9, log=quiet)

@@ -318,18 +318,23 @@ def _count(files: list[Path], tok_kind: str, text_field: str, log: Log, progress
 # Pass 2: pack and write
 
 
-def rows_for_tokens(tokens: int, seq_len: int) -> int:
-    """Rows of seq_len+1 tokens at stride seq_len that fit in ``tokens`` tokens."""
-    return (tokens - 1) // seq_len if tokens > seq_len else 0
+def rows_for_tokens(tokens: int, seq_len: int, stride: Optional[int] = None) -> int:
+    """Rows of seq_len+1 tokens, one starting every ``stride`` (default seq_len) tokens."""
+    stride = stride or seq_len
+    return (tokens - seq_len - 1) // stride + 1 if tokens > seq_len else 0
 
 
 class _SplitWriter:
     """Packs one split's token stream into rows, blocks and shards, keeping ~one block in memory."""
 
     def __init__(self, out_dir: Path, split: str, *, seq_len: int, block_rows: int, dtype: np.dtype,
-                 shard_bytes: int):
+                 shard_bytes: int, stride: Optional[int] = None):
         self.out_dir, self.split = out_dir, split
         self.seq_len, self.block_rows, self.dtype = seq_len, block_rows, dtype
+        # Rows start every `stride` tokens: seq_len overlaps consecutive rows by one token (every
+        # token is predicted once); less makes overlapping windows (nanoGPT's random windows).
+        self.stride = stride or seq_len
+        self.block_span = (block_rows - 1) * self.stride + seq_len + 1  # tokens one block covers
         self.shard_bytes = shard_bytes
         self.pending: list[np.ndarray] = []
         self.n_pending = 0
@@ -345,23 +350,24 @@ class _SplitWriter:
         self.pending.append(ids.astype(self.dtype, copy=False))
         self.n_pending += ids.size
         self.tokens += ids.size
-        if self.n_pending >= self.block_rows * self.seq_len + 1:
+        if self.n_pending >= self.block_span:
             self._drain(final=False)
 
     def _drain(self, final: bool) -> None:
         buf = np.concatenate(self.pending) if len(self.pending) != 1 else self.pending[0]
-        L, b = self.seq_len, self.block_rows
+        L, S, b = self.seq_len, self.stride, self.block_rows
         pos = 0
-        while len(buf) - pos >= b * L + 1:
-            self._write_rows(buf[pos:pos + b * L + 1])
-            pos += b * L
+        while len(buf) - pos >= self.block_span:
+            self._write_rows(buf[pos:pos + self.block_span])
+            pos += b * S
         if final:
-            r = rows_for_tokens(len(buf) - pos, L)
+            r = rows_for_tokens(len(buf) - pos, L, S)
             if r:
-                self._write_rows(buf[pos:pos + r * L + 1])
-                pos += r * L
-            # What remains is the last row's final token (already a target) plus the dropped tail.
-            self.dropped = max(len(buf) - pos - 1, 0) if self.rows else len(buf)
+                self._write_rows(buf[pos:pos + (r - 1) * S + L + 1])
+                pos += r * S
+            # Tokens after the last row's end are the dropped tail.
+            covered = (self.rows - 1) * S + L + 1 if self.rows else 0
+            self.dropped = self.tokens - covered
         # Copy so the big concatenated buffer can be freed; the tail is < one block.
         rest = buf[pos:].copy()
         self.pending = [rest]
@@ -369,7 +375,7 @@ class _SplitWriter:
 
     def _write_rows(self, segment: np.ndarray) -> None:
         L = self.seq_len
-        rows = np.lib.stride_tricks.sliding_window_view(segment, L + 1)[::L]
+        rows = np.lib.stride_tricks.sliding_window_view(segment, L + 1)[::self.stride]
         if self.writer is None:
             path = self.out_dir / shard_file_name(self.split, len(self.shards))
             self.writer = ShardWriter(path, dtype=self.dtype, row_len=L + 1)
@@ -391,6 +397,7 @@ class _SplitWriter:
             "rows": self.rows,
             "tokens": self.tokens,
             "dropped_tokens": self.dropped,
+            "stride": self.stride,
             "shards": [s.to_dict() for s in self.shards],
         }
 
@@ -462,13 +469,17 @@ def prepare_corpus(
     text_field: str = "text",
     log: Log = print,
     progress_s: float = 5.0,
+    stride: Optional[int] = None,
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into a dataset folder ``out_dir``; returns the manifest dict.
 
     ``tokenizer``: "byte", "char" (fitted on the inputs), or a tokenizer.json / dataset folder
     to reuse. ``val_fraction``: share of tokens, taken from the end of the stream, for the
     "val" split (0 writes no val split). ``block_rows``: rows per block, default about 1 MiB
-    of ids. ``shard_mb``: a shard is closed once it reaches about this many MB.
+    of ids. ``shard_mb``: a shard is closed once it reaches about this many MB. ``stride``:
+    training rows start every ``stride`` tokens (default seq_len: no overlap but the one
+    target token); a smaller stride writes overlapping windows, which on a small corpus stands
+    in for nanoGPT's random windows. Validation rows always use seq_len.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -479,6 +490,8 @@ def prepare_corpus(
         raise PrepareError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not shard_mb > 0:
         raise PrepareError(f"shard_mb must be > 0, got {shard_mb}")
+    if stride is not None and not 1 <= stride <= seq_len:
+        raise PrepareError(f"stride must be between 1 and seq_len ({seq_len}), got {stride}")
     if block_rows is not None and block_rows < 1:
         raise PrepareError(f"block_rows must be >= 1, got {block_rows}")
     if not inputs:
@@ -525,7 +538,8 @@ def prepare_corpus(
 
     shard_bytes = max(1, int(shard_mb * (1 << 20)))
     writers = {
-        name: _SplitWriter(out, name, seq_len=seq_len, block_rows=block_rows, dtype=dtype, shard_bytes=shard_bytes)
+        name: _SplitWriter(out, name, seq_len=seq_len, block_rows=block_rows, dtype=dtype,
+                           shard_bytes=shard_bytes, stride=stride if name == "train" else None)
         for name in split_tokens
     }
     n_train = split_tokens["train"]

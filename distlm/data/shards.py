@@ -439,18 +439,19 @@ class SplitInfo(_KeyAccess):
     tokens: int
     dropped_tokens: int
     shards: list[ShardInfo]
+    stride: Optional[int] = None
+    """Tokens between consecutive row starts; None for manifests that predate the field (seq_len)."""
 
     @property
     def blocks(self) -> int:
         return sum(len(s.block_rows) for s in self.shards)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "rows": self.rows,
-            "tokens": self.tokens,
-            "dropped_tokens": self.dropped_tokens,
-            "shards": [s.to_dict() for s in self.shards],
-        }
+        out = {"rows": self.rows, "tokens": self.tokens, "dropped_tokens": self.dropped_tokens}
+        if self.stride is not None:
+            out["stride"] = self.stride
+        out["shards"] = [s.to_dict() for s in self.shards]
+        return out
 
 
 @dataclass
@@ -568,6 +569,7 @@ def load_manifest(data_dir: str | os.PathLike) -> Manifest:
             tokens=int(_need(s, "tokens", swhere, redo)),
             dropped_tokens=int(s.get("dropped_tokens", 0)),
             shards=shards,
+            stride=s.get("stride"),
         )
         if sum(sh.rows for sh in shards) != split.rows:
             total = sum(sh.rows for sh in shards)

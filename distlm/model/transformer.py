@@ -311,21 +311,24 @@ class Transformer(nn.Module):
         return n
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
     """Two optimizer groups: matrices with ``weight_decay``, everything else without.
 
-    Decay pulls weights towards zero; that regularizes projection matrices but only distorts
-    biases and norm gains (whose scale is their meaning) and embedding rows (which rare tokens
-    update seldom, so decay would erase them). A tied LM head is the token table: no decay.
-    The test is "at least 2-D and not an embedding" rather than "is nn.Linear", so linears
-    that tensor parallelism swaps in are still decayed.
+    Decay pulls weights towards zero; that regularizes weight matrices but only distorts
+    biases and norm gains, whose scale is their meaning. Embedding tables are matrices too and
+    are decayed by default, as in GPT-2 and nanoGPT (whose published results assume it);
+    ``decay_embeddings=False`` exempts them (rare tokens' rows are updated seldom, and some
+    recipes keep decay from erasing them). A tied LM head is the token table and follows it.
+    The test is "at least 2-D" rather than "is nn.Linear", so linears that tensor parallelism
+    swaps in are still decayed.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():  # each shared tensor once
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+        is_matrix = p.dim() >= 2 and (decay_embeddings or id(p) not in embeddings)
+        (decay if is_matrix else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

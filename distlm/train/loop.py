@@ -62,7 +62,7 @@ def train(cfg: Config) -> dict:
     # Same initial weights on every rank; then a different dropout stream per rank.
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
-    engine = build_engine(model, parameter_groups(model, cfg.optim.weight_decay), cfg, layout, ctx.device)
+    engine = build_engine(model, parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings), cfg, layout, ctx.device)
     torch.manual_seed(cfg.train.seed + ctx.rank)
 
     state = TrainState()
