@@ -74,6 +74,15 @@ def test_two_processes_follow_the_single_process_loss(stage, reference, data_dir
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step-{STEPS:08d}"
 
 
+def test_bf16_follows_the_fp32_loss_within_tolerance(reference, data_dir, tmp_path):
+    _train(data_dir, tmp_path, 1, "train.precision=bf16")
+    rows = step_rows(tmp_path)
+    assert len(rows) == len(reference)
+    for mine, ref in zip(rows, reference):
+        assert math.isfinite(mine["loss"])
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=2e-2), mine["step"]
+
+
 def test_resume_continues_the_uninterrupted_run_exactly(data_dir, tmp_path):
     """Stop at step 4 (checkpoint), start fresh processes, finish: the same losses as one run."""
     whole, split = tmp_path / "whole", tmp_path / "split"

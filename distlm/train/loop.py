@@ -86,7 +86,7 @@ def train(cfg: Config) -> dict:
                          dp_rank=ctx.rank, dp_size=layout.dp, seed=cfg.data.seed,
                          shuffle_blocks=cfg.data.shuffle_blocks, start_row=state.rows_consumed,
                          seq_len=cfg.train.seq_len)
-    batches = iter(make_loader(stream, cfg.data.num_workers))
+    batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=ctx.device.type == "cuda"))
 
     last = {}
     interval = _Interval()
