@@ -362,6 +362,8 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
     need(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr}) and optim.lr > 0")
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
     need(t.resume not in ("", None), "train.resume must be auto, never, or a checkpoint folder")
+    need(not cfg.metrics.enabled, "metrics.enabled=true: the Prometheus exporter is not built yet; "
+         "follow RUN_DIR/metrics.jsonl meanwhile")
     need(1 <= cfg.metrics.port <= 65535, f"metrics.port must be a TCP port; got {cfg.metrics.port}")
     if t.seq_len is not None and m.max_seq_len is not None:
         need(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")

@@ -82,6 +82,7 @@ def _valid(*overrides):
     (("optim.min_lr=0.1", "optim.lr=0.01"), 1, "optim.min_lr"),
     (("model.dropout=1.5",), 1, "model.dropout"),
     (("train.max_steps=0",), 1, "train.max_steps"),
+    (("metrics.enabled=true",), 1, "metrics.enabled"),
 ])
 def test_validation_rejects_impossible_combinations(overrides, world, needle):
     cfg = _valid(*overrides)

@@ -14,13 +14,13 @@ import torch
 
 from distlm.checkpoint import state as checkpoint
 from distlm.checkpoint.state import TrainState
-from distlm.config import Config, save_config, to_dict, validate, world_size_from_env
+from distlm.config import Config, ConfigError, save_config, to_dict, validate, world_size_from_env
 from distlm.data import TokenStream, load_manifest, make_loader
 from distlm.metrics.logger import RunLog
 from distlm.metrics.mfu import device_peak_flops, mfu
 from distlm.model import Transformer, flops_per_token, parameter_groups
 from distlm.parallel.distributed import all_reduce_mean, init_distributed
-from distlm.train.engine import build_engine, set_learning_rate
+from distlm.train.engine import build_engine, distlm_clips, set_learning_rate
 from distlm.train.evaluate import evaluate
 from distlm.train.resources import memory_bytes
 from distlm.train.schedule import learning_rate
@@ -29,16 +29,19 @@ from distlm.train.step import train_step
 
 def resolve_from_data(cfg: Config) -> Config:
     """Fill the model and sequence sizes that default to the prepared data's."""
-    manifest = load_manifest(cfg.data.path)
+    try:
+        manifest = load_manifest(cfg.data.path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.path={cfg.data.path}: {e}") from None
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = manifest.vocab_size
     elif cfg.model.vocab_size < manifest.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
                          f"tokenizer ({manifest.vocab_size} ids in {cfg.data.path}/manifest.json)")
     if cfg.train.seq_len is None:
         cfg.train.seq_len = manifest.seq_len
     elif cfg.train.seq_len > manifest.seq_len:
-        raise ValueError(f"train.seq_len={cfg.train.seq_len} is longer than the rows in {cfg.data.path} "
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} is longer than the rows in {cfg.data.path} "
                          f"(seq_len {manifest.seq_len}); prepare the data with --seq-len {cfg.train.seq_len}")
     if cfg.model.max_seq_len is None:
         cfg.model.max_seq_len = cfg.train.seq_len
@@ -86,6 +89,7 @@ def train(cfg: Config) -> dict:
                          dp_rank=ctx.rank, dp_size=layout.dp, seed=cfg.data.seed,
                          shuffle_blocks=cfg.data.shuffle_blocks, start_row=state.rows_consumed,
                          seq_len=cfg.train.seq_len)
+    clip_here = distlm_clips(cfg)
     batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=ctx.device.type == "cuda"))
 
     last = {}
@@ -100,7 +104,8 @@ def train(cfg: Config) -> dict:
         wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(layout.grad_accum)]
         interval.data_s += time.perf_counter() - wait_start
-        result = train_step(engine, micro_batches, ctx.device, want_grad_norm=logging_now)
+        result = train_step(engine, micro_batches, ctx.device, clip_here, cfg.optim.grad_clip,
+                            want_grad_norm=logging_now)
 
         state.step += 1
         state.rows_consumed += layout.global_batch

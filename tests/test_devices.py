@@ -1,0 +1,56 @@
+"""GPU-path choices that must hold on a cluster, checked here with CUDA mocked where needed."""
+
+import pytest
+import torch
+
+from distlm.config import load_config
+from distlm.metrics.mfu import device_peak_flops
+from distlm.parallel.distributed import pick_device
+from distlm.train.engine import build_optimizer, deepspeed_config
+from distlm.config import batch_layout
+
+
+def test_auto_picks_the_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto", 0) == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="train.device=cuda"):
+        pick_device("cuda", 0)
+
+
+def test_each_local_rank_gets_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert pick_device("auto", 3) == torch.device("cuda", 3)
+    assert pick_device("cuda", 5) == torch.device("cuda", 1)
+    assert pick_device("cpu", 0) == torch.device("cpu")
+
+
+def test_known_gpus_have_a_bf16_peak(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    cuda = torch.device("cuda", 0)
+    assert device_peak_flops(cuda, "bf16") == 989e12
+    assert device_peak_flops(cuda, "fp32") is None
+    assert device_peak_flops(torch.device("cpu"), "bf16") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert device_peak_flops(cuda, "bf16") is None
+
+
+def test_adamw_is_fused_on_cuda_and_foreach_on_cpu():
+    params = [torch.nn.Parameter(torch.zeros(3, 3))]
+    cfg = load_config(None, [])
+    assert build_optimizer([{"params": params}], cfg, torch.device("cuda", 0)).defaults.get("fused") is True
+    on_cpu = build_optimizer([{"params": params}], cfg, torch.device("cpu")).defaults
+    assert not on_cpu.get("fused") and on_cpu.get("foreach") is True
+
+
+def test_deepspeed_config_follows_distlm_config_and_passthrough():
+    cfg = load_config(None, ["data.path=x", "train.batch_size=32", "train.micro_batch_size=4",
+                             "parallel.zero_stage=2", "train.precision=bf16", "optim.grad_clip=0.5",
+                             "deepspeed.zero_optimization.overlap_comm=true"])
+    ds = deepspeed_config(cfg, batch_layout(cfg, 2))
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 0.5
+    # plain fp32 data parallel: distlm clips (and measures) itself, DeepSpeed must not clip twice
+    plain = load_config(None, ["data.path=x", "optim.grad_clip=0.5"])
+    assert deepspeed_config(plain, batch_layout(plain, 1))["gradient_clipping"] == 0.0
