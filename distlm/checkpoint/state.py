@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from distlm.fsutil import atomic_write_text
 from distlm.parallel.distributed import DistContext, barrier
 
 MARKER = "distlm.json"
@@ -79,15 +80,6 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------- save
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save(engine, ckpt_dir: str | os.PathLike, state: TrainState, config: dict, ctx: DistContext,
          keep_last: int = 0, log: Callable[[str], None] = print) -> Path:
     """Save on every rank (a collective call); return the checkpoint folder."""
@@ -101,8 +93,8 @@ def save(engine, ckpt_dir: str | os.PathLike, state: TrainState, config: dict, c
     if ctx.is_main:
         marker = {"step": state.step, "state": asdict(state), "world_size": ctx.world_size,
                   "saved_at": time.time(), "config": config}
-        _atomic_write_text(path / MARKER, json.dumps(marker, indent=1))
-        _atomic_write_text(ckpt_dir / "latest", tag)
+        atomic_write_text(path / MARKER, json.dumps(marker, indent=1))
+        atomic_write_text(ckpt_dir / "latest", tag)
         removed = apply_retention(ckpt_dir, keep_last, protect=tag)
         log(f"checkpoint {path} saved in {time.perf_counter() - started:.1f} s"
             + (f"; removed {', '.join(removed)}" if removed else ""))

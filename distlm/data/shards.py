@@ -36,6 +36,8 @@ import numpy as np
 import webdataset as wds
 import zstandard as zstd
 
+from distlm.fsutil import atomic_write_bytes, fsync_dir
+
 __all__ = [
     "FORMAT",
     "VERSION",
@@ -53,7 +55,6 @@ __all__ = [
     "encode_block",
     "decode_block",
     "iter_shard_blocks",
-    "atomic_write_bytes",
     "write_manifest",
     "load_manifest",
     "shard_file_name",
@@ -135,32 +136,6 @@ def decode_block(
 
 # --------------------------------------------------------------------------------------------
 # Writing
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a rename: the directory entry, not just the file, must reach the disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
 
 class _HashingFile:
     """A write-only file wrapper that counts and hashes bytes, so a shard is hashed while written."""
@@ -256,7 +231,7 @@ class ShardWriter:
         self._file.close()
         self._closed = True
         os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return ShardInfo(
             path=self.path.name,
             rows=self.rows,
@@ -381,6 +356,14 @@ class ShardReader:
     def read(self, block_index: int) -> np.ndarray:
         return self.decode(block_index, self.raw(block_index))
 
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Every ``(block_index, rows)`` from the start of the file, whatever the indices are."""
+        self._open()
+        while (got := self._next_member(self._next)) is not None:
+            index, data = got
+            self._next = index + 1
+            yield index, self.decode(index, data)
+
     def close(self) -> None:
         self._members = None
         if self._file is not None:
@@ -401,29 +384,12 @@ def iter_shard_blocks(
 
     Given the manifest's ``block_rows``, a shard cut off at a member boundary is caught too.
     """
-    path = Path(path)
-    if block_rows is not None:
-        with ShardReader(path, dtype=dtype, row_len=row_len, block_rows=block_rows) as reader:
+    with ShardReader(path, dtype=dtype, row_len=row_len, block_rows=block_rows) as reader:
+        if block_rows is not None:
             for i in range(len(block_rows)):
                 yield i, reader.read(i)
-        return
-    with open(path, "rb") as f:
-        members = wds.tariterators.tar_file_iterator(f)
-        while True:
-            try:
-                member = next(members)
-            except StopIteration:
-                return
-            except Exception as exc:
-                raise ShardError(
-                    f"shard {path}: cannot read the tar archive ({exc}); the file is truncated "
-                    f"or damaged: re-copy it or re-run `distlm prepare`"
-                ) from exc
-            match = _KEY_RE.match(member["fname"])
-            if match is None:
-                raise ShardError(f"shard {path}: unexpected member {member['fname']!r}; not a distlm shard")
-            where = f"shard {path} member {member['fname']}"
-            yield int(match.group(1)), decode_block(member["data"], dtype=dtype, row_len=row_len, where=where)
+        else:
+            yield from reader.blocks()
 
 
 # --------------------------------------------------------------------------------------------
