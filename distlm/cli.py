@@ -1,4 +1,5 @@
-"""The ``distlm`` command: ``distlm prepare ...`` and ``distlm train CONFIG [key.sub=value ...]``.
+"""The ``distlm`` command: ``distlm prepare ...``, ``distlm data verify DIR`` and
+``distlm train CONFIG [key.sub=value ...]``.
 
 Run directly, ``distlm train`` trains in one process. For several processes on one node::
 
@@ -39,6 +40,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_verify(args: argparse.Namespace) -> int:
+    from distlm.data.verify import verify_dataset
+
+    problems = verify_dataset(args.dir, log=lambda message: print(message, flush=True))
+    return EXIT_DATA_ERROR if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distlm", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-rows", type=int, default=None,
                    help="rows per tar member (default: about 1 MiB of tokens)")
     p.set_defaults(run=_prepare)
+
+    d = sub.add_parser("data", help="inspect a prepared dataset")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    v = dsub.add_parser("verify", help="check every shard against manifest.json (exit 3 naming bad shards)")
+    v.add_argument("dir", metavar="DIR", help="a folder written by distlm prepare")
+    v.set_defaults(run=_data_verify)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config", metavar="CONFIG.yaml")
