@@ -299,7 +299,8 @@ def _coerce(tp, value: Any, key: str):
 def world_size_from_env(env: Optional[dict] = None) -> int:
     """The number of processes the launcher started (1 when run directly)."""
     env = os.environ if env is None else env
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"):
+    # The variables init_distributed honours (torchrun; mpirun through DeepSpeed's MPI discovery).
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
         if env.get(name):
             return int(env[name])
     return 1
@@ -320,7 +321,11 @@ class BatchLayout:
 
 def batch_layout(cfg: Config, world_size: int) -> BatchLayout:
     dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
-    micro = cfg.train.micro_batch_size or cfg.train.batch_size // max(dp, 1)
+    micro = cfg.train.micro_batch_size
+    if micro is None:
+        micro = cfg.train.batch_size // max(dp, 1)
+    elif micro < 1:
+        raise ConfigError(f"train.micro_batch_size must be at least 1; got {micro}")
     if micro < 1 or cfg.train.batch_size % (micro * dp):
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} must be a multiple of "
@@ -353,7 +358,16 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
                        ("optim.weight_decay", o.weight_decay)):
         need(value >= 0, f"{key} must be 0 or more; got {value}")
     need(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    kv = m.n_kv_heads or m.n_heads
+    for key, value in (("model.n_kv_heads", m.n_kv_heads), ("model.d_ff", m.d_ff), ("model.vocab_size", m.vocab_size),
+                       ("model.max_seq_len", m.max_seq_len), ("train.seq_len", t.seq_len),
+                       ("optim.decay_steps", o.decay_steps), ("data.shuffle_blocks", cfg.data.shuffle_blocks)):
+        need(value is None or value >= 1, f"{key} must be at least 1 (or unset); got {value}")
+    need(cfg.data.seed >= 0 and t.seed >= 0, "data.seed and train.seed must be 0 or more")
+    need(o.eps > 0, f"optim.eps must be positive; got {o.eps}")
+    need(m.init_std > 0 and m.norm_eps > 0, "model.init_std and model.norm_eps must be positive")
+    need(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops must be positive (or unset)")
+    need(t.threads is None or t.threads >= 1, "train.threads must be at least 1 (or unset)")
+    kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
     need(1 <= kv <= m.n_heads and m.n_heads % kv == 0,
          f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")
     need(m.pos != "rope" or (m.d_model // m.n_heads) % 2 == 0,

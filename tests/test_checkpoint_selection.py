@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distlm.checkpoint.state import (MARKER, CheckpointError, apply_retention, find_resume, rng_state,
+from distlm.checkpoint.state import (MARKER, CheckpointError, apply_retention, check_compatible, find_resume, rng_state,
                                      set_rng_state, tag_for)
 
 
@@ -66,6 +66,38 @@ def test_retention_keeps_the_newest_and_the_protected(tmp_path):
     removed = apply_retention(tmp_path, keep_last=2, protect=tag_for(1))
     assert removed == [tag_for(2)]
     assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(1), tag_for(3), tag_for(4)]
+
+
+def _marker_with(path, config):
+    (path / MARKER).write_text(json.dumps({"step": 1, "config": config}))
+
+
+def _cfg(d_model=32, seed=1, max_steps=10, decay_steps=None):
+    return {"model": {"d_model": d_model}, "data": {"seed": seed},
+            "train": {"max_steps": max_steps}, "optim": {"decay_steps": decay_steps}, "deepspeed": {}}
+
+
+def test_a_different_model_is_refused_naming_the_key(tmp_path):
+    path = _make(tmp_path, 1)
+    _marker_with(path, _cfg(d_model=32))
+    with pytest.raises(CheckpointError, match=r"model.d_model: 32 -> 64"):
+        check_compatible(path, _cfg(d_model=64))
+
+
+def test_data_order_and_schedule_changes_warn(tmp_path):
+    path = _make(tmp_path, 1)
+    _marker_with(path, _cfg())
+    said = []
+    check_compatible(path, _cfg(seed=2, max_steps=20), log=said.append)
+    assert any("data.seed changed" in line for line in said)
+    assert any("decay now ends at step 20, not 10" in line for line in said)
+    said.clear()
+    check_compatible(path, _cfg(), log=said.append)
+    assert said == []
+    # an explicit decay horizon keeps the schedule when only max_steps grows
+    _marker_with(path, _cfg(decay_steps=10))
+    check_compatible(path, _cfg(max_steps=20, decay_steps=10), log=said.append)
+    assert said == []
 
 
 def test_rng_state_round_trips_through_weights_only_load(tmp_path):

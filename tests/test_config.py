@@ -83,6 +83,13 @@ def _valid(*overrides):
     (("model.dropout=1.5",), 1, "model.dropout"),
     (("train.max_steps=0",), 1, "train.max_steps"),
     (("metrics.enabled=true",), 1, "metrics.enabled"),
+    (("model.n_kv_heads=0",), 1, "model.n_kv_heads"),
+    (("train.micro_batch_size=0",), 1, "train.micro_batch_size"),
+    (("data.shuffle_blocks=0",), 1, "data.shuffle_blocks"),
+    (("train.seq_len=0",), 1, "train.seq_len"),
+    (("optim.decay_steps=0",), 1, "optim.decay_steps"),
+    (("optim.eps=0",), 1, "optim.eps"),
+    (("data.seed=-1",), 1, "data.seed"),
 ])
 def test_validation_rejects_impossible_combinations(overrides, world, needle):
     cfg = _valid(*overrides)
@@ -116,6 +123,8 @@ def test_world_size_from_launcher_variables():
     assert world_size_from_env({}) == 1
     assert world_size_from_env({"WORLD_SIZE": "8"}) == 8
     assert world_size_from_env({"PMI_SIZE": "3"}) == 3
+    # salloc/sbatch set SLURM_NTASKS without starting the processes: not a world size
+    assert world_size_from_env({"SLURM_NTASKS": "4"}) == 1
 
 
 def test_interface_keys_exist():

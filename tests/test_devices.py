@@ -21,8 +21,27 @@ def test_each_local_rank_gets_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert pick_device("auto", 3) == torch.device("cuda", 3)
-    assert pick_device("cuda", 5) == torch.device("cuda", 1)
     assert pick_device("cpu", 0) == torch.device("cpu")
+
+
+def test_more_ranks_than_visible_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(RuntimeError, match="local rank 2 has no GPU of its own.*CUDA_VISIBLE_DEVICES=0,1.*at most 2"):
+        pick_device("auto", 2)
+
+
+def test_local_rank_comes_from_any_launcher(monkeypatch):
+    from distlm.parallel.distributed import local_rank_from_env
+
+    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert local_rank_from_env() == 0
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert local_rank_from_env() == 3
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's wins
+    assert local_rank_from_env() == 1
 
 
 def test_known_gpus_have_a_bf16_peak(monkeypatch):
@@ -31,6 +50,8 @@ def test_known_gpus_have_a_bf16_peak(monkeypatch):
     assert device_peak_flops(cuda, "bf16") == 989e12
     assert device_peak_flops(cuda, "fp32") is None
     assert device_peak_flops(torch.device("cpu"), "bf16") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L40S")
+    assert device_peak_flops(cuda, "bf16") == 362e12  # not the L4's peak
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert device_peak_flops(cuda, "bf16") is None
 
@@ -51,6 +72,7 @@ def test_deepspeed_config_follows_distlm_config_and_passthrough():
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 0.5
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 gradients summed in fp32
     # plain fp32 data parallel: distlm clips (and measures) itself, DeepSpeed must not clip twice
     plain = load_config(None, ["data.path=x", "optim.grad_clip=0.5"])
     assert deepspeed_config(plain, batch_layout(plain, 1))["gradient_clipping"] == 0.0

@@ -36,6 +36,23 @@ def test_metrics_jsonl_rows_and_truncation_on_resume(tmp_path):
     assert [r["step"] for r in rows] == [10, 20, 20]
 
 
+def test_fresh_start_keeps_old_metrics_aside(tmp_path):
+    log = RunLog(tmp_path, 10, stream=io.StringIO())
+    log.step(_row(1))
+    assert log.start_fresh() == "metrics.1.jsonl"
+    log.step(_row(1))
+    assert log.start_fresh() == "metrics.2.jsonl"
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert json.loads((tmp_path / "metrics.1.jsonl").read_text())["step"] == 1
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    log = RunLog(tmp_path, 10, stream=io.StringIO())
+    log.step(_row(3, loss=float("nan"), grad_norm=float("inf")))
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["loss"] is None and row["grad_norm"] is None and row["step"] == 3
+
+
 def test_other_ranks_write_nothing(tmp_path):
     log = RunLog(tmp_path, 10, enabled=False, stream=io.StringIO())
     log.step(_row(1))

@@ -270,6 +270,15 @@ def test_default_mlp_widths():
     assert mlp_hidden_size(tiny(d_ff=100, mlp="swiglu")) == 100
 
 
+def test_matmul_params_count_a_tied_head():
+    from distlm.model import matmul_params
+
+    tied = build(tie_embeddings=True)
+    untied = build(tie_embeddings=False)
+    # The head's matmul costs the same whether or not its weight is the embedding table.
+    assert matmul_params(tied.cfg, tied.num_params()) == matmul_params(untied.cfg, untied.num_params())
+
+
 def test_flops_per_token():
     cfg = tiny(n_layers=3, d_model=32)
     assert flops_per_token(cfg, 128, 1000) == 6 * 1000 + 12 * 3 * 128 * 32

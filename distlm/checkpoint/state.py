@@ -87,6 +87,11 @@ def save(engine, ckpt_dir: str | os.PathLike, state: TrainState, config: dict, c
     tag = tag_for(state.step)
     path = ckpt_dir / tag
     started = time.perf_counter()
+    if ctx.is_main and path.exists():
+        # A folder of this step from an abandoned line of the run (after resuming from an older
+        # checkpoint): its marker must not vouch for a half-overwritten folder.
+        shutil.rmtree(path)
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     torch.save(rng_state(), path / f"distlm-rank{ctx.rank:05d}.pt")
     barrier()  # every rank's files are on disk before the marker says the folder is whole
@@ -154,6 +159,46 @@ def find_resume(resume: str, ckpt_dir: str | os.PathLike, log: Callable[[str], N
         raise CheckpointError(f"{ckpt_dir} holds {', '.join(sorted(partial))} but none finished saving "
                               f"(no {MARKER}); delete them to start fresh, or set train.resume=never")
     return None
+
+
+# Keys whose change makes a checkpoint unusable (the weights or their partitioning would not fit)
+# or the run not the one that was saved (the data order); the rest may change on resume.
+_MUST_MATCH = ("model.", "train.seq_len", "parallel.")
+_WARN_IF_CHANGED = ("data.path", "data.seed", "data.shuffle_blocks", "train.batch_size", "train.seed")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "deepspeed":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _decay_horizon(flat: dict) -> int:
+    return flat.get("optim.decay_steps") or flat.get("train.max_steps")
+
+
+def check_compatible(path: Path, config: dict, log: Callable[[str], None] = print) -> None:
+    """Refuse a checkpoint whose model or layout differs from the config; warn on data changes."""
+    saved = _flatten(json.loads((path / MARKER).read_text()).get("config", {}))
+    now = _flatten(config)
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    fatal = [k for k in changed if k.startswith(_MUST_MATCH)]
+    if fatal:
+        diffs = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in fatal)
+        raise CheckpointError(f"{path} was saved with a different model or layout ({diffs}); "
+                              f"use the saved values, another run.dir, or train.resume=never")
+    for key in changed:
+        if key in _WARN_IF_CHANGED:
+            log(f"WARNING: {key} changed since {path.name} ({saved.get(key)!r} -> {now.get(key)!r}): "
+                f"the run continues, but not as the run that was saved")
+    if _decay_horizon(saved) != _decay_horizon(now):
+        log(f"WARNING: the learning-rate decay now ends at step {_decay_horizon(now)}, not "
+            f"{_decay_horizon(saved)}: the LR jumps to the new schedule. To extend a run, set "
+            f"optim.decay_steps explicitly from the start")
 
 
 def load(engine, path: Path, ctx: DistContext, log: Callable[[str], None] = print) -> TrainState:

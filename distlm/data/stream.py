@@ -313,6 +313,9 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor,
+        # Without its own generator DataLoader draws the workers' base seed from the global
+        # torch RNG, shifting the training process's dropout stream: resumes would not be exact.
+        generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
     )
     return iter(loader)

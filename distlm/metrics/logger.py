@@ -53,6 +53,8 @@ class RunLog:
     def __init__(self, run_dir: str | os.PathLike, max_steps: int, enabled: bool = True,
                  stream: TextIO = sys.stdout):
         self.path = Path(run_dir) / "metrics.jsonl"
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_steps = max_steps
         self.enabled = enabled
         self.stream = stream
@@ -94,6 +96,19 @@ class RunLog:
             os.replace(tmp, self.path)
         return dropped
 
+    def start_fresh(self) -> str | None:
+        """A run with nothing to resume: keep an older metrics.jsonl aside; return its new name."""
+        if not self.enabled or not self.path.exists():
+            return None
+        n = 1
+        while self.path.with_name(f"metrics.{n}.jsonl").exists():
+            n += 1
+        kept = self.path.with_name(f"metrics.{n}.jsonl")
+        os.replace(self.path, kept)
+        return kept.name
+
     def _append(self, row: dict) -> None:
+        # NaN and Infinity are not JSON: write null so every line stays parseable.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")

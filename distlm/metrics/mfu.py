@@ -6,6 +6,7 @@ unknown device has no peak and its MFU is reported as absent rather than guessed
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ _BF16_PEAKS = {
     "H100": 989e12,  # SXM; the PCIe card is lower, set train.peak_flops for it
     "A100": 312e12,
     "A10G": 70e12,
+    "L40S": 362e12,
     "L4": 121e12,
     "V100": 125e12,
 }
@@ -26,7 +28,8 @@ def device_peak_flops(device: torch.device, precision: str) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(device)
     for key, peak in _BF16_PEAKS.items():
-        if key in name:
+        # Whole words only: "L4" must not match "L40S" (a card with three times its peak).
+        if re.search(rf"\b{key}\b", name):
             # fp32 without TF32 runs far below the tensor-core peak; do not pretend otherwise.
             return peak if precision == "bf16" else None
     return None

@@ -17,3 +17,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
     is not a matmul. Causal masking is ignored, as in PaLM, so this counts the full QK^T.
     """
     return 6.0 * n_params + 12.0 * cfg.n_layers * seq_len * cfg.d_model
+
+
+def matmul_params(cfg: ModelConfig, non_embedding_params: int) -> int:
+    """Weights that take part in a matmul per token: the non-embedding ones, plus the LM head.
+
+    ``Transformer.num_params()`` counts a tied head once, as the embedding table, and leaves it
+    out of the non-embedding count; the head's matmul costs the same tied or not (nanoGPT's MFU
+    counts it the same way).
+    """
+    return non_embedding_params + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0)

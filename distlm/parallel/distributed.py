@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import torch
 
@@ -37,32 +38,57 @@ def _launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def local_rank_from_env() -> int:
+    """This process's index on its node, from whichever launcher started it."""
+    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 0
+
+
 def pick_device(choice: str, local_rank: int) -> torch.device:
+    """``cuda:local_rank`` when CUDA is wanted and present, else the CPU; never two ranks on one GPU."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=auto or cpu")
     if choice in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU of its own: this node shows {visible} "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                f"start at most {visible} processes per node")
+        return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def init_distributed(device_choice: str = "auto", timeout_s: float = 600.0) -> DistContext:
-    """Join (or, for a single process, create) the default process group through DeepSpeed."""
+def init_distributed(device_choice: str = "auto", expected_world_size: Optional[int] = None,
+                     timeout_s: float = 600.0) -> DistContext:
+    """Join (or, for a single process, create) the default process group through DeepSpeed.
+
+    ``expected_world_size`` is the size the config was validated against before the group
+    existed; a launcher that starts a different number of processes is an error, not a
+    silently different batch.
+    """
     import deepspeed  # imported late: it is slow to import and prints on import
 
     if not _launched_by_torchrun() and not _launched_by_mpi():
         # A direct `distlm train`: a world of one on loopback.
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK",
-                                                                 os.environ.get("MPI_LOCALRANKID", "0"))))
+    use_cuda = pick_device(device_choice, 0).type == "cuda"
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
+                               timeout=timedelta(seconds=timeout_s), verbose=False)
+    # Read after joining: under mpirun, DeepSpeed's MPI discovery is what sets LOCAL_RANK.
+    local_rank = local_rank_from_env()
     device = pick_device(device_choice, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
-                               verbose=False)
-    return DistContext(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-                       local_rank=local_rank, device=device)
+    ctx = DistContext(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                      local_rank=local_rank, device=device)
+    if expected_world_size is not None and ctx.world_size != expected_world_size:
+        raise RuntimeError(f"the process group has {ctx.world_size} ranks but the launcher's environment "
+                           f"said {expected_world_size}; the batch split was planned for that")
+    return ctx
 
 
 def _launched_by_mpi() -> bool:

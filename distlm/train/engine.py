@@ -27,6 +27,11 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
         # Our optimizer is torch's AdamW, which ZeRO handles correctly but does not list.
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.train.precision == "bf16"},
+        # bf16 has 8 bits of mantissa: summing micro-batches or ranks in it loses small
+        # gradients, and DeepSpeed otherwise accumulates in the model's dtype. It accepts fp32
+        # accumulation with ZeRO only; bf16 with ZeRO 0 accumulates in bf16 (prefer ZeRO 1+).
+        **({"data_types": {"grad_accum_dtype": "fp32"}}
+           if cfg.train.precision == "bf16" and cfg.parallel.zero_stage >= 1 else {}),
         # distlm prints its own log line; keep DeepSpeed's per-step prints out of the logs.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

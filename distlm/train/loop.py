@@ -18,7 +18,7 @@ from distlm.config import Config, ConfigError, save_config, to_dict, validate, w
 from distlm.data import TokenStream, load_manifest, make_loader
 from distlm.metrics.logger import RunLog
 from distlm.metrics.mfu import device_peak_flops, mfu
-from distlm.model import Transformer, flops_per_token, parameter_groups
+from distlm.model import Transformer, flops_per_token, matmul_params, parameter_groups
 from distlm.parallel.distributed import all_reduce_mean, init_distributed
 from distlm.train.engine import build_engine, distlm_clips, set_learning_rate
 from distlm.train.evaluate import evaluate
@@ -27,8 +27,8 @@ from distlm.train.schedule import learning_rate
 from distlm.train.step import train_step
 
 
-def resolve_from_data(cfg: Config) -> Config:
-    """Fill the model and sequence sizes that default to the prepared data's."""
+def resolve_from_data(cfg: Config) -> tuple[Config, bool]:
+    """Fill the sizes that default to the prepared data's; return (config, has a val split)."""
     try:
         manifest = load_manifest(cfg.data.path)
     except (FileNotFoundError, ValueError) as e:
@@ -37,48 +37,63 @@ def resolve_from_data(cfg: Config) -> Config:
         cfg.model.vocab_size = manifest.vocab_size
     elif cfg.model.vocab_size < manifest.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
-                         f"tokenizer ({manifest.vocab_size} ids in {cfg.data.path}/manifest.json)")
+                          f"tokenizer ({manifest.vocab_size} ids in {cfg.data.path}/manifest.json)")
     if cfg.train.seq_len is None:
         cfg.train.seq_len = manifest.seq_len
     elif cfg.train.seq_len > manifest.seq_len:
         raise ConfigError(f"train.seq_len={cfg.train.seq_len} is longer than the rows in {cfg.data.path} "
-                         f"(seq_len {manifest.seq_len}); prepare the data with --seq-len {cfg.train.seq_len}")
+                          f"(seq_len {manifest.seq_len}); prepare the data with --seq-len {cfg.train.seq_len}")
     if cfg.model.max_seq_len is None:
         cfg.model.max_seq_len = cfg.train.seq_len
-    return cfg
+    elif cfg.model.max_seq_len < cfg.train.seq_len:
+        raise ConfigError(f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the training "
+                          f"sequences (train.seq_len={cfg.train.seq_len})")
+    if "train" not in manifest.splits:
+        raise ConfigError(f"data.path={cfg.data.path} has no train split")
+    return cfg, "val" in manifest.splits
 
 
 def train(cfg: Config) -> dict:
     """Train until ``train.max_steps``; return the last logged metrics (rank 0) for callers."""
-    layout = validate(cfg, world_size_from_env())  # before any process group starts
-    cfg = resolve_from_data(cfg)
+    world_size = world_size_from_env()
+    layout = validate(cfg, world_size)  # before any process group starts
+    cfg, has_val = resolve_from_data(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    ctx = init_distributed(cfg.train.device)
+    ctx = init_distributed(cfg.train.device, expected_world_size=world_size)
     run_dir = Path(cfg.run.dir)
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     log = RunLog(run_dir, cfg.train.max_steps, enabled=ctx.is_main)
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
 
     # Same initial weights on every rank; then a different dropout stream per rank.
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
-    engine = build_engine(model, parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings), cfg, layout, ctx.device)
+    # Counted before DeepSpeed wraps the model: ZeRO-3 leaves each rank only a partition.
+    n_params = model.num_params(non_embedding=True)
+    engine = build_engine(model, parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings),
+                          cfg, layout, ctx.device)
     torch.manual_seed(cfg.train.seed + ctx.rank)
 
     state = TrainState()
     resume_from = checkpoint.find_resume(cfg.train.resume, ckpt_dir, log.info)
     if resume_from is not None:
+        checkpoint.check_compatible(resume_from, to_dict(cfg), log.info)
         state = checkpoint.load(engine, resume_from, ctx, log.info)
         dropped = log.truncate_after(state.step)
         log.info(f"resumed from {resume_from} at step {state.step}"
                  + (f" ({dropped} metrics rows after it dropped)" if dropped else ""))
+    else:
+        kept = log.start_fresh()
+        if kept:
+            log.info(f"no checkpoint to resume from: the previous metrics.jsonl is kept as {kept}")
+    if ctx.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    if not has_val:
+        log.info(f"{cfg.data.path} has no validation split: evaluation is skipped "
+                 f"(prepare with --val-fraction > 0 to get one)")
 
     tokens_per_step = layout.global_batch * cfg.train.seq_len
-    n_params = model.num_params(non_embedding=True)
-    flops = flops_per_token(cfg.model, cfg.train.seq_len, n_params)
+    flops = flops_per_token(cfg.model, cfg.train.seq_len, matmul_params(cfg.model, n_params))
     peak = cfg.train.peak_flops or device_peak_flops(ctx.device, cfg.train.precision)
     log.info(f"model {n_params / 1e6:.2f}M non-embedding parameters, {flops / 1e6:.1f} MFLOP/token | "
              f"world {ctx.world_size} x micro-batch {layout.micro_batch_size} x accumulation "
@@ -99,7 +114,10 @@ def train(cfg: Config) -> dict:
         step = state.step
         lr = learning_rate(step, cfg.optim, cfg.train.max_steps)
         set_learning_rate(engine, lr)
-        logging_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.max_steps
+        final = step + 1 == cfg.train.max_steps
+        logging_now = final or (step + 1) % cfg.train.log_every == 0
+        saving_now = final or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0)
+        evaluating_now = has_val and (final or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0))
 
         wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(layout.grad_accum)]
@@ -112,8 +130,13 @@ def train(cfg: Config) -> dict:
         state.tokens_seen += tokens_per_step
         interval.steps += 1
 
-        if logging_now:
+        if logging_now or saving_now:
+            # One host sync, on the steps that need it: never log or save a diverged model.
             loss = all_reduce_mean(result.loss).item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {state.step}: not saving. Lower optim.lr, "
+                                         f"check the data, or resume from the last checkpoint")
+        if logging_now:
             seconds = interval.seconds()
             tokens_per_s = interval.steps * tokens_per_step / seconds
             last = {"step": state.step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm,
@@ -123,21 +146,17 @@ def train(cfg: Config) -> dict:
                     "data_wait": interval.data_s / seconds, "tokens": state.tokens_seen,
                     "mem_bytes": memory_bytes(ctx.device)}
             log.step(last)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {state.step}; lower optim.lr or check the data")
             interval = _Interval()
-
-        final = state.step == cfg.train.max_steps
-        if final or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
+        if saving_now:  # before evaluating: a failing evaluation must not cost the checkpoint
+            state.elapsed_s = time.perf_counter() - started
+            checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), ctx, cfg.checkpoint.keep_last, log.info)
+        if evaluating_now:
             val_loss, n = evaluate(engine, cfg, layout, ctx)
             log.eval({"step": state.step, "val_loss": val_loss, "val_batches": n,
                       "elapsed_s": time.perf_counter() - started})
             last["val_loss"] = val_loss
-            interval = _Interval()  # keep evaluation time out of the next throughput figure
-        if final or (cfg.train.save_every and state.step % cfg.train.save_every == 0):
-            state.elapsed_s = time.perf_counter() - started
-            checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), ctx, cfg.checkpoint.keep_last, log.info)
-            interval = _Interval()
+        if saving_now or evaluating_now:
+            interval = _Interval()  # keep their time out of the next throughput figure
 
     log.info(f"done: {state.step} steps, {state.tokens_seen / 1e6:.2f}M tokens in "
              f"{time.perf_counter() - started:.0f} s; run folder {run_dir}")
