@@ -1,4 +1,4 @@
-"""The ``distlm`` command: ``distlm prepare ...``, ``distlm data verify DIR`` and
+"""The ``distlm`` command: ``distlm prepare ...``, ``distlm data verify|bench DIR`` and
 ``distlm train CONFIG [key.sub=value ...]``.
 
 Run directly, ``distlm train`` trains in one process. For several processes on one node::
@@ -47,6 +47,14 @@ def _data_verify(args: argparse.Namespace) -> int:
     return EXIT_DATA_ERROR if problems else 0
 
 
+def _data_bench(args: argparse.Namespace) -> int:
+    from distlm.data.bench import bench_dataset
+
+    bench_dataset(args.dir, split=args.split, micro_batch_size=args.micro_batch_size, seconds=args.seconds,
+                  log=lambda message: print(message, flush=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distlm", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = dsub.add_parser("verify", help="check every shard against manifest.json (exit 3 naming bad shards)")
     v.add_argument("dir", metavar="DIR", help="a folder written by distlm prepare")
     v.set_defaults(run=_data_verify)
+    b = dsub.add_parser("bench", help="tokens/s of the training loader vs bare zstd decoding of the same shards")
+    b.add_argument("dir", metavar="DIR", help="a folder written by distlm prepare")
+    b.add_argument("--split", default="train")
+    b.add_argument("--micro-batch-size", type=int, default=8)
+    b.add_argument("--seconds", type=float, default=5.0, help="time per measurement (default 5)")
+    b.set_defaults(run=_data_bench)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config", metavar="CONFIG.yaml")

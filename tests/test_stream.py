@@ -138,6 +138,19 @@ def test_rows_reshuffle_every_epoch_even_with_one_shard(tmp_path):
     assert not np.array_equal(a[:100], b[:100])  # same shard order, so only the row shuffle differs
 
 
+def test_reading_from_a_short_window_into_longer_ones(data_dir, natural):
+    """Windows differ in size (an epoch's last one is short): starting in the short one and
+    reading on into the next epoch's longer windows gives exactly the global order."""
+    kw = dict(micro_batch_size=7, seed=4, shuffle_blocks=6)
+    stream = TokenStream(data_dir, **kw)
+    R = stream.rows_per_epoch
+    last = int(stream._layout(0).window_start[-2])
+    assert np.diff(stream._layout(1).window_start).max() > R - last
+    got = rows_of(take(iter(TokenStream(data_dir, start_row=last, **kw)), (R - last + 120) // 7))
+    order = np.concatenate([stream.row_order(0), stream.row_order(1)])
+    np.testing.assert_array_equal(got, natural[order[last : last + len(got)]])
+
+
 def test_different_seeds_give_different_orders(data_dir):
     a = TokenStream(data_dir, micro_batch_size=16, seed=1)
     b = TokenStream(data_dir, micro_batch_size=16, seed=2)

@@ -24,7 +24,6 @@ Loader workers (:func:`make_loader`) take every ``num_workers``-th micro-batch o
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -170,13 +169,25 @@ class TokenStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         cursor = _Cursor(self)
+        m, seq_len = self.micro_batch_size, self.seq_len
+        # Micro-batch k = worker, worker + n_workers, ...: its first position, then the stride.
+        first = self.start_row + worker * self.global_batch_size + self.dp_rank * m
+        step = n_workers * self.global_batch_size
         try:
-            for k in itertools.count(worker, n_workers):
-                first = self.start_row + k * self.global_batch_size + self.dp_rank * self.micro_batch_size
-                rows = cursor.rows(first, self.micro_batch_size)
-                x = torch.from_numpy(rows[:, : self.seq_len].astype(np.int64))
-                y = torch.from_numpy(rows[:, 1 : self.seq_len + 1].astype(np.int64))
+            while True:
+                # Most micro-batches lie in the current window, all of whose blocks are decoded:
+                # a slice of its rows, inlined here; anything else goes through rows(). The
+                # casts copy, so no tensor shares memory with the reused window buffer.
+                window = cursor.window
+                a = first - window.lo if window is not None else -1
+                if a >= 0 and first + m <= window.hi and window.complete:
+                    rows = window.rows[a : a + m]
+                else:
+                    rows = cursor.rows(first, m)
+                x = torch.from_numpy(rows[:, :seq_len].astype(np.int64))
+                y = torch.from_numpy(rows[:, 1 : seq_len + 1].astype(np.int64))
                 yield x, y
+                first += step
         finally:
             cursor.close()
 
@@ -192,24 +203,41 @@ class TokenStream(IterableDataset):
 class _Window:
     """One shuffling window of an epoch: its blocks, their row offsets and its row permutation.
 
-    Blocks are decompressed lazily, only when a wanted row lies in them, and then kept until
-    the window is left. Compressed blocks of this window that the tar reader passes over on its
-    way to a wanted one are kept in ``raw`` so a later request needs no second pass over the file.
+    The window's rows, numbered in block order (block ``bp`` holds ``starts[bp]:starts[bp+1]``),
+    are read in the order ``perm``: position ``j`` of the window is row ``perm[j]``. ``rows``
+    holds them already in that order (``rows[j]`` is row ``perm[j]``), so the rows of consecutive
+    positions are a slice. Blocks are decompressed lazily, only when a wanted row lies in them,
+    each once, and scattered to their positions. Compressed blocks of this window that the tar
+    reader passes over on its way to a wanted one are kept in ``raw`` so a later request needs
+    no second pass over the file.
     """
 
-    def __init__(self, blocks: np.ndarray, block_rows: list[int], perm: np.ndarray):
+    def __init__(
+        self, blocks: np.ndarray, block_rows: list[int], perm: np.ndarray, lo: int, rows: np.ndarray
+    ):
         self.blocks = [(int(s), int(b)) for s, b in blocks]
         self.members = set(self.blocks)
         self.starts = np.concatenate([[0], np.cumsum(block_rows)]).astype(np.int64)
         self.perm = perm
-        self.decoded: dict[int, np.ndarray] = {}
+        self.lo = lo                  # global position of the window's first row
+        self.hi = lo + len(perm)      # one past its last
+        self.block_of = np.searchsorted(self.starts, perm, side="right") - 1  # block of position j
+        self.position = np.empty_like(perm)  # position of each row: the inverse of perm
+        self.position[perm] = np.arange(len(perm))
+        self.decoded = np.zeros(len(self.blocks), dtype=bool)
+        self.complete = False         # every block decoded: nothing left to check
+        self.rows = rows
         self.raw: dict[tuple[int, int], bytes] = {}
 
 
 class _Cursor:
     """Reading state of one iterator: epoch layouts, the current window and open shards.
 
-    Positions asked for only move forward, so one window and the shards it spans suffice.
+    Positions asked for only move forward, so one window and the shards it spans suffice. The
+    window's rows live in one buffer, in reading order, reused from window to window: a
+    micro-batch inside a window is a slice of it. Each decoded block is copied there and freed
+    at once, so the next decode reuses its memory; keeping the decoded blocks for the whole
+    window instead makes every decode fault in fresh pages, which costs more than the copy.
     """
 
     def __init__(self, stream: TokenStream):
@@ -217,8 +245,8 @@ class _Cursor:
         self.manifest = stream.manifest
         self.R = stream.rows_per_epoch
         self._layouts: dict[int, _EpochLayout] = {}
-        self._window_key: Optional[tuple[int, int]] = None
-        self._window: Optional[_Window] = None
+        self.window: Optional[_Window] = None
+        self._buffer: Optional[np.ndarray] = None
         self._readers: dict[int, ShardReader] = {}
 
     def layout(self, epoch: int) -> _EpochLayout:
@@ -230,42 +258,59 @@ class _Cursor:
 
     def rows(self, first: int, count: int) -> np.ndarray:
         """Rows at global positions ``first .. first+count-1``, shape [count, row_len]."""
+        window = self.window
+        if window is not None and window.lo <= first and first + count <= window.hi:
+            a = first - window.lo
+            if not window.complete:
+                self.decode_for(window, window.block_of[a : a + count])
+            return window.rows[a : a + count].copy()
         out = np.empty((count, self.manifest.row_len), dtype=self.manifest.np_dtype)
         i = 0
         while i < count:
-            epoch, offset = divmod(first + i, self.R)
-            layout = self.layout(epoch)
-            w = int(np.searchsorted(layout.window_start, offset, side="right")) - 1
-            w_first, w_end = int(layout.window_start[w]), int(layout.window_start[w + 1])
-            n = min(count - i, w_end - offset)
-            window = self.window(epoch, w, layout)
-            local = window.perm[offset - w_first : offset - w_first + n]
-            self.gather(window, local, out[i : i + n])
+            pos = first + i
+            window = self.window
+            if window is None or not (window.lo <= pos < window.hi):
+                window = self.enter(pos)
+            a = pos - window.lo
+            n = min(count - i, window.hi - pos)
+            if not window.complete:
+                self.decode_for(window, window.block_of[a : a + n])
+            out[i : i + n] = window.rows[a : a + n]
             i += n
         return out
 
-    def window(self, epoch: int, w: int, layout: _EpochLayout) -> _Window:
-        if self._window_key != (epoch, w):
-            sb = self.s.shuffle_blocks
-            blocks = layout.blocks[w * sb : (w + 1) * sb]
-            rows = [self.s.split.shards[s].block_rows[b] for s, b in blocks]
-            self._window = _Window(blocks, rows, self.s._window_perm(epoch, w, sum(rows)))
-            self._window_key = (epoch, w)
-            spanned = {s for s, _ in self._window.blocks}
-            for shard in [s for s in self._readers if s not in spanned]:
-                self._readers.pop(shard).close()
-        assert self._window is not None
-        return self._window
+    def enter(self, pos: int) -> _Window:
+        """Make the window holding global position ``pos`` the current one."""
+        epoch, offset = divmod(pos, self.R)
+        layout = self.layout(epoch)
+        w = int(np.searchsorted(layout.window_start, offset, side="right")) - 1
+        w_first, w_end = int(layout.window_start[w]), int(layout.window_start[w + 1])
+        sb = self.s.shuffle_blocks
+        blocks = layout.blocks[w * sb : (w + 1) * sb]
+        rows = [self.s.split.shards[s].block_rows[b] for s, b in blocks]
+        n = w_end - w_first
+        self.window = None  # its rows are about to be overwritten
+        if self._buffer is None or len(self._buffer) < n:
+            self._buffer = None  # freed before its successor is allocated
+            self._buffer = np.empty((n, self.manifest.row_len), dtype=self.manifest.np_dtype)
+        perm = self.s._window_perm(epoch, w, n)
+        window = _Window(blocks, rows, perm, epoch * self.R + w_first, self._buffer[:n])
+        self.window = window
+        spanned = {s for s, _ in window.blocks}
+        for shard in [s for s in self._readers if s not in spanned]:
+            self._readers.pop(shard).close()
+        return window
 
-    def gather(self, window: _Window, local: np.ndarray, out: np.ndarray) -> None:
-        """``out[j] = row local[j] of the window``, decompressing only the blocks that hold them."""
-        block_pos = np.searchsorted(window.starts, local, side="right") - 1
-        for bp in np.unique(block_pos):  # ascending: each shard is read front to back
-            bp = int(bp)
-            if bp not in window.decoded:
-                window.decoded[bp] = self.decode(window, bp)
-            mask = block_pos == bp
-            out[mask] = window.decoded[bp][local[mask] - window.starts[bp]]
+    def decode_for(self, window: _Window, block_pos: np.ndarray) -> None:
+        """Decompress the blocks in ``block_pos`` not yet decoded, in ascending order (each shard
+        is read front to back)."""
+        missing = block_pos[~window.decoded[block_pos]]
+        if not len(missing):
+            return
+        for bp in np.unique(missing).tolist():
+            window.rows[window.position[window.starts[bp] : window.starts[bp + 1]]] = self.decode(window, bp)
+            window.decoded[bp] = True
+        window.complete = bool(window.decoded.all())
 
     def decode(self, window: _Window, bp: int) -> np.ndarray:
         shard, block = window.blocks[bp]
@@ -293,6 +338,8 @@ class _Cursor:
         for reader in self._readers.values():
             reader.close()
         self._readers.clear()
+        self.window = None
+        self._buffer = None
 
 
 def make_loader(
