@@ -11,7 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TextIO
 
 
 def _fmt_count(n: float) -> str:
