@@ -22,6 +22,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from distlm.fsutil import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or contradicts another key."""
@@ -393,11 +395,7 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically: a crash leaves the old file or the new)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def all_keys(cls=Config, prefix: str = "") -> list[str]:

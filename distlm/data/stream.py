@@ -175,15 +175,8 @@ class TokenStream(IterableDataset):
         step = n_workers * self.global_batch_size
         try:
             while True:
-                # Most micro-batches lie in the current window, all of whose blocks are decoded:
-                # a slice of its rows, inlined here; anything else goes through rows(). The
-                # casts copy, so no tensor shares memory with the reused window buffer.
-                window = cursor.window
-                a = first - window.lo if window is not None else -1
-                if a >= 0 and first + m <= window.hi and window.complete:
-                    rows = window.rows[a : a + m]
-                else:
-                    rows = cursor.rows(first, m)
+                # The casts copy, so no tensor shares memory with the reused window buffer.
+                rows = cursor.rows(first, m)
                 x = torch.from_numpy(rows[:, :seq_len].astype(np.int64))
                 y = torch.from_numpy(rows[:, 1 : seq_len + 1].astype(np.int64))
                 yield x, y
@@ -257,13 +250,17 @@ class _Cursor:
         return self._layouts[epoch]
 
     def rows(self, first: int, count: int) -> np.ndarray:
-        """Rows at global positions ``first .. first+count-1``, shape [count, row_len]."""
+        """Rows at global positions ``first .. first+count-1``, shape [count, row_len].
+
+        Most micro-batches lie in the current window: then the result is a view of the window
+        buffer, valid until the next call (the caller copies what it keeps).
+        """
         window = self.window
         if window is not None and window.lo <= first and first + count <= window.hi:
             a = first - window.lo
             if not window.complete:
                 self.decode_for(window, window.block_of[a : a + count])
-            return window.rows[a : a + count].copy()
+            return window.rows[a : a + count]
         out = np.empty((count, self.manifest.row_len), dtype=self.manifest.np_dtype)
         i = 0
         while i < count:

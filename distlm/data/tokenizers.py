@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 
+from distlm.fsutil import atomic_write_text
+
 __all__ = [
     "ByteTokenizer",
     "CharTokenizer",
@@ -220,11 +222,4 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
 
 def _save_json(d: dict[str, Any], path: str | os.PathLike) -> None:
     """Write atomically so a crash never leaves a half-written tokenizer behind."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(d, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(d, indent=1) + "\n")

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from distlm.fsutil import atomic_write_text
+
 
 def _fmt_count(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -91,9 +93,7 @@ class RunLog:
                 else:
                     kept.append(line if line.endswith("\n") else line + "\n")
         if dropped:
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(kept))
         return dropped
 
     def start_fresh(self) -> str | None:
