@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from distlm.checkpoint.state import CheckpointError
     from distlm.config import ConfigError
-    from distlm.data.prepare import PrepareError
+    from distlm.data.inputs import InputError
     from distlm.data.shards import ShardError
 
     args = build_parser().parse_args(argv)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"distlm: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except (PrepareError, ShardError, FileNotFoundError) as e:
+    except (InputError, ShardError, FileNotFoundError) as e:
         print(f"distlm: data error: {e}", file=sys.stderr)
         return EXIT_DATA_ERROR
     except CheckpointError as e:

@@ -8,6 +8,7 @@ import zstandard as zstd
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from distlm.data.inputs import InputError
 from distlm.data.prepare import PrepareError, prepare_corpus
 from distlm.data.shards import iter_shard_blocks, load_manifest
 from distlm.data.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
@@ -145,13 +146,13 @@ def test_jsonl_and_jsonl_zst(tmp_path):
 def test_jsonl_errors_name_file_and_line(tmp_path):
     good = _jsonl([{"text": "ok " * 20}] * 3)
     (tmp_path / "bad.jsonl").write_bytes(good + b'{"text": "unterminated\n')
-    with pytest.raises(PrepareError, match=r"bad\.jsonl:4: invalid JSON"):
+    with pytest.raises(InputError, match=r"bad\.jsonl:4: invalid JSON"):
         prepare_corpus([str(tmp_path / "bad.jsonl")], str(tmp_path / "o1"), seq_len=4, log=quiet)
     (tmp_path / "nofield.jsonl").write_bytes(good + _jsonl([{"content": "x"}]))
-    with pytest.raises(PrepareError, match=r"nofield\.jsonl:4: no field 'text' \(fields: content\).*--text-field"):
+    with pytest.raises(InputError, match=r"nofield\.jsonl:4: no field 'text' \(fields: content\).*--text-field"):
         prepare_corpus([str(tmp_path / "nofield.jsonl")], str(tmp_path / "o2"), seq_len=4, log=quiet)
     (tmp_path / "cut.jsonl.zst").write_bytes(zstd.ZstdCompressor().compress(good * 50)[:-6])
-    with pytest.raises(PrepareError, match=r"cut\.jsonl\.zst.*truncated"):
+    with pytest.raises(InputError, match=r"cut\.jsonl\.zst.*truncated"):
         prepare_corpus([str(tmp_path / "cut.jsonl.zst")], str(tmp_path / "o3"), seq_len=4, log=quiet)
 
 
@@ -181,7 +182,7 @@ def test_directory_walk_skips_binary_hidden_and_pycache(tmp_path):
 def test_error_messages(tmp_path):
     (tmp_path / "a.txt").write_text("hello world " * 20)  # 241 tokens with EOS
     a = str(tmp_path / "a.txt")
-    with pytest.raises(PrepareError, match=r"input .*missing\.txt does not exist"):
+    with pytest.raises(InputError, match=r"input .*missing\.txt does not exist"):
         prepare_corpus([a, str(tmp_path / "missing.txt")], str(tmp_path / "o"), log=quiet)
     with pytest.raises(PrepareError, match="no input files found"):
         (tmp_path / "empty").mkdir()

@@ -19,18 +19,15 @@ one block. Text files are read in chunks, so one huge file is fine too.
 
 from __future__ import annotations
 
-import codecs
-import json
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
-import zstandard as zstd
 
 from .shards import (
     FORMAT,
@@ -43,6 +40,7 @@ from .shards import (
     shard_file_name,
     write_manifest,
 )
+from .inputs import InputError, NotUtf8, find_input_files, read_documents
 from .tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -64,170 +62,13 @@ DEFAULT_SHARD_MB = 256.0
 BLOCK_TARGET_BYTES = 1 << 20
 """Default uncompressed size of one block: the unit of decompression and of shuffling windows."""
 
-_READ_CHUNK = 2 << 20  # bounds memory: the char encoder briefly holds ~16 bytes per character
-_SKIP_DIRS = {"__pycache__"}
 _LEFTOVER_RE = re.compile(r"^((train|val)-\d{6}\.tar|tokenizer\.json|manifest\.json)(\.tmp)?$")
-_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 Log = Callable[[str], Any]
 
 
-class PrepareError(ValueError):
+class PrepareError(InputError):
     """The inputs or options cannot produce a dataset; the message says what to change."""
-
-
-# --------------------------------------------------------------------------------------------
-# Finding and reading inputs
-
-
-def _kind(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".jsonl.zst"):
-        return "jsonl.zst"
-    if name.endswith(".jsonl"):
-        return "jsonl"
-    return "text"
-
-
-def find_input_files(inputs: Sequence[Union[str, os.PathLike]], exclude: Optional[Path] = None) -> list[Path]:
-    """Files named by ``inputs``, folders expanded recursively in sorted order.
-
-    Entries of a folder are taken in name order, descending into sub-folders where they sort
-    (``a/1.txt``, ``a/2.txt``, ``b.txt``), so the order is the same on every filesystem.
-    Hidden entries and ``__pycache__`` are skipped inside folders (a file named explicitly is
-    always taken). ``exclude`` (the output folder) is never walked, so preparing into a folder
-    under an input does not read its own shards.
-    """
-    exclude = exclude.resolve() if exclude is not None else None
-    files: list[Path] = []
-
-    def walk(folder: Path) -> None:
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.name.startswith(".") or entry.name in _SKIP_DIRS:
-                continue
-            path = folder / entry.name
-            if entry.is_dir():
-                if exclude is None or path.resolve() != exclude:
-                    walk(path)
-            elif entry.is_file():
-                files.append(path)
-
-    for item in inputs:
-        path = Path(item)
-        if not path.exists():
-            raise PrepareError(f"input {path} does not exist; check the path (inputs are files or folders)")
-        if path.is_dir():
-            walk(path)
-        else:
-            files.append(path)
-    return files
-
-
-class _NotUtf8(Exception):
-    def __init__(self, offset: int):
-        super().__init__(offset)
-        self.offset = offset
-
-
-@dataclass
-class _Piece:
-    """Part of a document: ``text``; ``end`` marks the document's last piece."""
-
-    text: str
-    end: bool
-    nbytes: int
-
-
-def _read_text_file(path: Path) -> Iterator[_Piece]:
-    """One document in chunks. Raises _NotUtf8 at the first invalid byte sequence."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset = 0
-    # Binary mode: bytes reach the tokenizer exactly as stored (no newline translation).
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_READ_CHUNK)
-            final = not chunk
-            try:
-                text = decoder.decode(chunk, final=final)
-            except UnicodeDecodeError as exc:
-                raise _NotUtf8(offset + max(exc.start, 0)) from None
-            offset += len(chunk)
-            if final:
-                yield _Piece(text, True, 0)
-                return
-            if text:
-                yield _Piece(text, False, len(chunk))
-
-
-def _zst_chunks(f, path: Path) -> Iterator[bytes]:
-    """Decompressed bytes of a (possibly multi-frame) zstd file; a cut-off frame is an error."""
-    dctx = zstd.ZstdDecompressor()
-    obj, fed = dctx.decompressobj(), False
-    try:
-        while chunk := f.read(1 << 20):
-            data = chunk
-            while data:
-                out = obj.decompress(data)
-                fed = True
-                if out:
-                    yield out
-                if obj.eof:
-                    data = obj.unused_data
-                    obj, fed = dctx.decompressobj(), False
-                else:
-                    data = b""
-    except zstd.ZstdError as exc:
-        raise PrepareError(f"{path}: corrupt zstd data ({exc}); re-create or re-download the file") from exc
-    if fed and not obj.eof:
-        raise PrepareError(f"{path}: the zstd stream is truncated; re-create or re-download the file")
-
-
-def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    rest = b""
-    for chunk in chunks:
-        parts = (rest + chunk).split(b"\n")
-        rest = parts.pop()
-        yield from parts
-    if rest:
-        yield rest
-
-
-def _read_jsonl(path: Path, kind: str, text_field: str) -> Iterator[_Piece]:
-    """One document per non-blank line; a bad line stops with its file and line number."""
-    with open(path, "rb") as f:
-        chunks = _zst_chunks(f, path) if kind == "jsonl.zst" else iter(lambda: f.read(_READ_CHUNK), b"")
-        for lineno, line in enumerate(_lines(chunks), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise PrepareError(f"{where}: line is not valid UTF-8 ({exc.reason}); fix or remove it") from None
-            except json.JSONDecodeError as exc:
-                raise PrepareError(
-                    f"{where}: invalid JSON ({exc.msg}, column {exc.colno}); fix or remove the line"
-                ) from None
-            if not isinstance(record, dict):
-                raise PrepareError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
-            if text_field not in record:
-                fields = ", ".join(sorted(map(str, record))[:10]) or "none"
-                raise PrepareError(
-                    f"{where}: no field {text_field!r} (fields: {fields}); pick the text field with --text-field"
-                )
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise PrepareError(f"{where}: field {text_field!r} is {type(text).__name__}, expected a string")
-            if _SURROGATE_RE.search(text):
-                raise PrepareError(f"{where}: field {text_field!r} holds a lone UTF-16 surrogate escape; fix the line")
-            yield _Piece(text, True, len(line) + 1)
-
-
-def _read_documents(path: Path, text_field: str) -> Iterator[_Piece]:
-    kind = _kind(path)
-    if kind == "text":
-        return _read_text_file(path)
-    return _read_jsonl(path, kind, text_field)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +129,7 @@ def _count(files: list[Path], tok_kind: str, text_field: str, log: Log, progress
         docs = tokens = nbytes = 0
         chars: set[str] = set()
         try:
-            for piece in _read_documents(path, text_field):
+            for piece in read_documents(path, text_field):
                 n = count_tokens(piece.text) + (1 if piece.end else 0)
                 tokens += n
                 nbytes += piece.nbytes
@@ -297,7 +138,7 @@ def _count(files: list[Path], tok_kind: str, text_field: str, log: Log, progress
                 if piece.end:
                     docs += 1
                 progress.update(nbytes=piece.nbytes, tokens=n)
-        except _NotUtf8 as exc:
+        except NotUtf8 as exc:
             log(f"skipping {path}: not valid UTF-8 (near byte {exc.offset}); binary file?")
             counts.skipped_files += 1
             progress.update(files=1)
@@ -559,13 +400,13 @@ def prepare_corpus(
     try:
         for path in counts.files:
             try:
-                for piece in _read_documents(path, text_field):
+                for piece in read_documents(path, text_field):
                     ids = tok.encode(piece.text)
                     route(ids)
                     if piece.end:
                         route(eos)
                     progress.update(nbytes=piece.nbytes, tokens=ids.size + piece.end)
-            except _NotUtf8:
+            except NotUtf8:
                 raise PrepareError(
                     f"{path} changed during prepare (it is no longer valid UTF-8); run prepare again"
                 ) from None
