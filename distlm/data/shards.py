@@ -54,6 +54,7 @@ __all__ = [
     "block_member_name",
     "encode_block",
     "decode_block",
+    "decode_block_into",
     "iter_shard_blocks",
     "write_manifest",
     "load_manifest",
@@ -132,6 +133,44 @@ def decode_block(
     if len(raw) != size or size % row_bytes:
         raise ShardError(f"{where}: {len(raw)} bytes is not a whole number of rows of {row_bytes} bytes; {redo}")
     return np.frombuffer(raw, dtype=dtype).reshape(-1, row_len)
+
+
+def decode_block_into(data: bytes, out: np.ndarray, *, where: str) -> None:
+    """Decompress one block straight into ``out``, a C-contiguous ``[rows, row_len]`` array of the
+    stored dtype whose size the manifest gives. No intermediate buffer: the reader's window is
+    filled in place. Raises :class:`ShardError` when the frame is corrupt (checksum), truncated,
+    or holds another number of bytes than ``out``.
+    """
+    redo = "the file is damaged; re-copy it or re-run `distlm prepare`"
+    if not out.flags.c_contiguous:
+        raise ValueError("decode_block_into needs a C-contiguous output array")
+    try:
+        size = zstd.frame_content_size(data)
+    except zstd.ZstdError as exc:
+        raise ShardError(f"{where}: not a readable zstd frame ({exc}); {redo}") from exc
+    if size != out.nbytes:
+        raise ShardError(
+            f"{where}: block holds {size} bytes but the manifest expects {out.shape[0]} rows x "
+            f"{out.shape[1]} x {out.itemsize} bytes = {out.nbytes}; {redo}"
+        )
+    target = out.reshape(-1).view(np.uint8)
+    try:
+        with _DECOMPRESSOR.stream_reader(data, read_across_frames=False) as reader:
+            got = reader.readinto(target)
+            while got < size:  # readinto may stop short of a whole frame; an empty read is the end
+                n = reader.readinto(target[got:])
+                if n == 0:
+                    break
+                got += n
+    except zstd.ZstdError as exc:
+        raise ShardError(f"{where}: corrupt or truncated zstd frame ({exc}); {redo}") from exc
+    if got != size:
+        raise ShardError(f"{where}: zstd frame is truncated ({got} of {size} bytes); {redo}")
+
+
+# A decompression context is reusable and not shared between threads here (loader workers are
+# processes), so one per process saves setting it up for every block.
+_DECOMPRESSOR = zstd.ZstdDecompressor()
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,11 +255,16 @@ class ShardWriter:
     def add_block(self, rows: np.ndarray) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.row_len or rows.shape[0] < 1:
             raise ValueError(f"block must be [rows >= 1, {self.row_len}], got {rows.shape}")
-        data = encode_block(rows.astype(self.dtype, copy=False))
+        self.add_encoded(encode_block(rows.astype(self.dtype, copy=False)), int(rows.shape[0]))
+
+    def add_encoded(self, data: bytes, rows: int) -> None:
+        """Append a block already compressed by :func:`encode_block` (e.g. in a worker process)."""
+        if rows < 1:
+            raise ValueError(f"a block holds at least one row, got {rows}")
         key = f"{len(self.block_rows):08d}"
         self._tar.write({"__key__": key, BLOCK_SUFFIX: data})
         self._tar_bytes += 512 + -(-len(data) // 512) * 512  # header + data padded to 512-byte records
-        self.block_rows.append(int(rows.shape[0]))
+        self.block_rows.append(rows)
 
     def close(self) -> ShardInfo:
         if self._closed:
