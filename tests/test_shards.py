@@ -1,5 +1,8 @@
 import hashlib
+import io
 import json
+import shutil
+import subprocess
 import tarfile
 
 import numpy as np
@@ -10,13 +13,18 @@ from distlm.data.shards import (
     ShardError,
     ShardReader,
     ShardWriter,
+    TarMemberReader,
     decode_block,
+    decode_block_into,
     dtype_for_vocab,
     encode_block,
     iter_shard_blocks,
     load_manifest,
     write_manifest,
 )
+from distlm.data.remote import expand_urls, open_url
+from distlm.data.verify import verify_dataset
+from remote_server import serve_directory
 
 
 def _blocks(dtype, row_len=7, sizes=(3, 5, 1), seed=0):
@@ -173,3 +181,188 @@ def test_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot parse"):
         load_manifest(tmp_path)
+
+
+# ---- the tar member reader -----------------------------------------------------------------
+
+
+def _members_via_tarfile(path):
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+def _members_via_reader(path):
+    with open(path, "rb") as f:
+        reader = TarMemberReader(f, str(path))
+        return list(iter(reader.next, None))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_reads_what_tarfile_writes(tmp_path, fmt):
+    """Long names (pax 'x' records, GNU 'L' members, the ustar prefix), non-ASCII names, a pax
+    global header and sizes that are and are not multiples of 512."""
+    path = tmp_path / "t.tar"
+    names = ["short.txt", "d/" * 60 + "long-name.tokens.zst", "empty", "x" * 99, "exact512"]
+    if fmt == tarfile.PAX_FORMAT:
+        names.append("naïve-ünïcode.bin")
+    pax_headers = {"comment": "global header"} if fmt == tarfile.PAX_FORMAT else {}
+    with tarfile.open(path, "w", format=fmt, pax_headers=pax_headers) as tar:
+        for i, name in enumerate(names):
+            data = b"" if name == "empty" else bytes(512) if name == "exact512" else bytes([i]) * (700 * i + 3)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    expected = _members_via_tarfile(path)
+    assert [n for n, _ in expected] == names
+    assert _members_via_reader(path) == expected
+
+
+def test_tar_reader_reads_shard_writer_output_and_tar_tools_read_it(tmp_path):
+    blocks = _blocks(np.uint16, sizes=(3, 1, 2))
+    path = tmp_path / "train-000000.tar"
+    _write(path, blocks, np.uint16)
+    assert _members_via_reader(path) == _members_via_tarfile(path)
+    if shutil.which("tar"):
+        listed = subprocess.run(["tar", "tf", str(path)], capture_output=True, text=True, check=True).stdout
+        assert listed.split() == ["00000000.tokens.zst", "00000001.tokens.zst", "00000002.tokens.zst"]
+
+
+def test_tar_reader_rejects_garbage_and_non_files(tmp_path):
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    with pytest.raises(ShardError, match=r"garbage\.tar: the tar header at byte 0 .*fails its checksum") as info:
+        _members_via_reader(garbage)
+    assert info.value.kind == "truncated" and info.value.url == str(garbage)
+
+    links = tmp_path / "links.tar"
+    with tarfile.open(links, "w") as tar:
+        info = tarfile.TarInfo("00000000.tokens.zst")
+        info.type, info.linkname = tarfile.SYMTYPE, "elsewhere"
+        tar.addfile(info)
+    with pytest.raises(ShardError, match=r"'00000000\.tokens\.zst' .*is a symbolic link; a shard holds only"):
+        _members_via_reader(links)
+    with pytest.raises(ShardError) as err:
+        ShardReader(links, dtype=np.uint16, row_len=7).read(0)
+    assert (err.value.kind, err.value.block) == ("missing_field", 0)
+
+
+def test_truncated_checksum_of_the_last_frame_is_caught():
+    """zstd decodes a frame whose 4-byte checksum was cut off without complaint; the frame
+    length check catches it, and trailing bytes after a frame too."""
+    ref = _blocks(np.uint16, sizes=(20,))[0]
+    frame = encode_block(ref)
+    for cut in range(1, 5):
+        with pytest.raises(ShardError, match="truncated") as info:
+            decode_block(frame[:-cut], dtype=np.uint16, row_len=7, where="x", expected_rows=20)
+        assert info.value.kind == "truncated_frame"
+    with pytest.raises(ShardError, match="unexpected bytes after") as info:
+        decode_block(frame + b"\0", dtype=np.uint16, row_len=7, where="x", expected_rows=20)
+    assert info.value.kind == "corrupt_frame"
+    out = np.empty_like(ref)
+    decode_block_into(frame, out, where="x")
+    assert np.array_equal(out, ref)
+
+
+# ---- remote datasets -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    """A dataset of several small shards in train and val; tests only read it."""
+    from distlm.data.prepare import prepare_corpus
+
+    tmp_path = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(1)
+    text = " ".join("".join(chr(97 + c) for c in rng.integers(0, 26, rng.integers(2, 9))) for _ in range(3000))
+    (tmp_path / "a.txt").write_text(text)
+    out = tmp_path / "ds"
+    prepare_corpus([str(tmp_path / "a.txt")], out, tokenizer="byte", seq_len=32, val_fraction=0.1, shard_mb=0.008,
+                   block_rows=4, log=lambda *_: None)
+    return out
+
+
+def _all_blocks(m, **kw):
+    return {(name, s.path): [rows for _, rows in iter_shard_blocks(m.shard_url(s), dtype=m.np_dtype,
+                                                                   row_len=m.row_len, block_rows=s.block_rows, **kw)]
+            for name, split in sorted(m.splits.items()) for s in split.shards}
+
+
+def _same_blocks(a, b):
+    return a.keys() == b.keys() and all(len(a[k]) == len(b[k]) and all(np.array_equal(x, y) for x, y in zip(a[k], b[k]))
+                                        for k in a)
+
+
+def test_remote_dataset_over_http_equals_local(small_dataset, monkeypatch):
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)  # straight to 127.0.0.1
+    local = load_manifest(small_dataset)
+    assert local.location == str(small_dataset) and local.path == small_dataset and not local.is_remote
+    assert local.shard_url(local.split("train").shards[0]) == str(small_dataset / "train-000000.tar")
+    with serve_directory(small_dataset.parent) as base:
+        remote = load_manifest(f"{base}/ds")
+        assert remote.to_dict() == local.to_dict()
+        assert remote.location == f"{base}/ds" and remote.path is None
+        shards = remote.split("train").shards
+        assert len(shards) >= 3
+        assert remote.shard_url(shards[2]) == f"{base}/ds/train-000002.tar"
+        with pytest.raises(ValueError, match="shard_url"):
+            remote.shard_path(shards[0])
+        assert _same_blocks(_all_blocks(remote), _all_blocks(local))
+        # A brace pattern names the same shards.
+        pattern = f"{base}/ds/train-{{000000..{len(shards) - 1:06d}}}.tar"
+        assert expand_urls(pattern) == [remote.shard_url(s) for s in shards]
+        with ShardReader(expand_urls(pattern)[1], dtype=remote.np_dtype, row_len=remote.row_len) as reader:
+            assert [i for i, _ in reader.blocks()] == list(range(len(shards[1].block_rows)))
+        assert verify_dataset(f"{base}/ds", log=lambda *_: None) == []
+
+
+def test_file_urls_and_pipe_templates(small_dataset):
+    local = load_manifest(small_dataset)
+    via_file = load_manifest(f"file://{small_dataset}")
+    assert via_file.location == str(small_dataset) and via_file.to_dict() == local.to_dict()
+    with pytest.raises(ValueError, match="allow_pipe: true"):
+        load_manifest(f"pipe:cat {small_dataset}/{{}}")
+    piped = load_manifest(f"pipe:cat {small_dataset}/{{}}", allow_pipe=True)
+    assert piped.is_remote and piped.to_dict() == local.to_dict()
+    assert piped.shard_url(piped.split("val").shards[0]) == f"pipe:cat {small_dataset}/val-000000.tar"
+    assert _same_blocks(_all_blocks(piped, allow_pipe=True), _all_blocks(local))
+
+
+def test_pipe_needs_opt_in(small_dataset):
+    url = f"pipe:cat {small_dataset}/train-000000.tar"
+    with pytest.raises(ValueError, match=r"runs? a shell command.*`data.allow_pipe: true`"):
+        ShardReader(url, dtype=np.uint16, row_len=33).read(0)
+    with pytest.raises(ValueError, match="allow_pipe"):
+        open_url(url)
+    with ShardReader(url, dtype=np.uint16, row_len=33, allow_pipe=True) as reader:
+        piped = reader.read(1)
+    with ShardReader(small_dataset / "train-000000.tar", dtype=np.uint16, row_len=33) as reader:
+        assert np.array_equal(piped, reader.read(1))
+
+
+def test_expand_urls():
+    assert expand_urls("http://h/ds/train-{000000..000002}.tar") == [
+        "http://h/ds/train-000000.tar", "http://h/ds/train-000001.tar", "http://h/ds/train-000002.tar"]
+    assert expand_urls("s-{a,b}-{0..1}.tar") == ["s-a-0.tar", "s-a-1.tar", "s-b-0.tar", "s-b-1.tar"]
+    assert expand_urls("a.tar::b-{1..2}.tar") == ["a.tar", "b-1.tar", "b-2.tar"]
+    assert expand_urls("/plain/path.tar") == ["/plain/path.tar"]
+    with pytest.raises(ValueError, match="unbalanced braces"):
+        expand_urls("train-{000..009.tar")
+    with pytest.raises(ValueError, match="empty"):
+        expand_urls("")
+
+
+def test_unsupported_schemes_point_to_pipe():
+    with pytest.raises(ValueError, match=r"unsupported URL scheme 's3'.*pipe:aws s3 cp"):
+        ShardReader("s3://bucket/ds/train-000000.tar", dtype=np.uint16, row_len=7)
+    with pytest.raises(ValueError, match="unsupported URL scheme"):
+        load_manifest("gs://bucket/ds")
+
+
+def test_manifest_refuses_shard_paths_outside_the_dataset(tmp_path):
+    for bad in ("../escape.tar", "/etc/passwd", "a/../../b.tar", "x.tar; rm -rf ~", "http://h/x.tar"):
+        d = _manifest()
+        d["splits"]["train"]["shards"][0]["path"] = bad
+        (tmp_path / "manifest.json").write_text(json.dumps(d))
+        with pytest.raises(ValueError, match="not a plain relative file name"):
+            load_manifest(tmp_path)

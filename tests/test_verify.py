@@ -1,6 +1,7 @@
 """`distlm data verify`: real shards on disk, damaged in the ways files get damaged."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -32,12 +33,12 @@ def test_intact_dataset_passes(dataset):
     assert "all 2 shards" in result.stdout
 
 
-@pytest.mark.parametrize("damage, words", [
-    ("truncate", "size"),
-    ("flip", "sha256"),
-    ("delete", "missing"),
+@pytest.mark.parametrize("damage, words, kinds", [
+    ("truncate", "size", {"truncated", "short", "checksum"}),  # which depends on where the cut lands
+    ("flip", "sha256", {"truncated", "corrupt_frame", "truncated_frame", "row_count", "checksum"}),
+    ("delete", "missing", {"missing"}),
 ])
-def test_damaged_shard_is_named_and_fails(dataset, damage, words):
+def test_damaged_shard_is_named_and_fails(dataset, damage, words, kinds):
     shard = dataset / "train-000000.tar"
     data = bytearray(shard.read_bytes())
     if damage == "truncate":
@@ -50,6 +51,8 @@ def test_damaged_shard_is_named_and_fails(dataset, damage, words):
     result = _verify(dataset)
     assert result.returncode == 3
     assert "BAD  train train-000000.tar" in result.stdout and words in result.stdout
+    kind = re.search(r"BAD  train train-000000\.tar \[(\w+)\]", result.stdout).group(1)
+    assert kind in kinds, result.stdout
     assert "ok   val" in result.stdout  # the healthy shard is still reported as healthy
     assert "1 of 2 shards" in result.stdout
 
@@ -70,7 +73,7 @@ def test_damage_hidden_by_a_rewritten_manifest_is_still_caught(dataset):
     manifest["splits"]["train"]["shards"][0]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
     (dataset / "manifest.json").write_text(json.dumps(manifest))
     problems = verify_dataset(dataset, log=lambda *_: None)
-    assert [p.path for p in problems] == ["train-000000.tar"]
+    assert [(p.path, p.kind) for p in problems] == [("train-000000.tar", "corrupt_frame")]
     assert "member 00000000" in problems[0].problem
 
 
