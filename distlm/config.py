@@ -59,9 +59,32 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One dataset of a blend (``data.sources``)."""
+
+    path: str
+    """A folder or URL (``http(s)://``, ``file://``; ``pipe:`` with data.allow_pipe) written by ``distlm prepare``."""
+    weight: float = 1.0
+    """Share of the rows, relative to the other sources' weights."""
+    name: Optional[str] = None
+    """Label in logs, metrics and checkpoints; default the path's last part. Must be unique."""
+    shards: Optional[str] = None
+    """Brace pattern of the train shard URLs in manifest order, when the shards live apart from
+    the manifest, e.g. ``https://host/ds/train-{000000..000099}.tar``."""
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = None
-    """A folder written by ``distlm prepare`` (holds manifest.json)."""
+    """A folder (or URL) written by ``distlm prepare`` (holds manifest.json). Or use ``sources``."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Several datasets blended by weight, instead of ``path``: ``[{path: ..., weight: ...}, ...]``."""
+    on_error: Literal["fail", "skip"] = "fail"
+    """Damaged shards (truncated, corrupt, missing): stop the run, or mask their rows and go on."""
+    max_error_rate: float = 0.01
+    """With on_error=skip: stop once more than this share of the rows read is damaged."""
+    allow_pipe: bool = False
+    """Allow ``pipe:`` URLs, which run a shell command taken from the config. Off for safety."""
     num_workers: int = 1
     """Loader processes per rank; 0 reads in the training process."""
     shuffle_blocks: int = 8
@@ -265,6 +288,13 @@ def _coerce(tp, value: Any, key: str):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
         return value
+    if origin is list:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list; got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if value is None:
             return {}
@@ -346,7 +376,7 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
         if not ok:
             raise ConfigError(message)
 
-    need(cfg.data.path is not None, "data.path is not set: point it at a folder written by `distlm prepare`")
+    _validate_data(cfg.data)
     need(p.tp == 1 and p.pp == 1, "parallel.tp and parallel.pp must be 1 for now (tensor/pipeline parallelism is not built yet)")
     need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be one of 0, 1, 2, 3; got {p.zero_stage}")
     need(world_size % (p.tp * p.pp) == 0, f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp * p.pp}")
@@ -384,6 +414,37 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
     if t.seq_len is not None and m.max_seq_len is not None:
         need(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     return batch_layout(cfg, world_size)
+
+
+def _validate_data(d: DataConfig) -> None:
+    if d.path is None and not d.sources:
+        raise ConfigError("data.path is not set: point it at a folder written by `distlm prepare` "
+                          "(or list several in data.sources)")
+    if d.path is not None and d.sources:
+        raise ConfigError("set data.path or data.sources, not both (data.path is a one-source shortcut; "
+                          "override data.path=null to use the sources)")
+    for i, src in enumerate(d.sources):
+        if not src.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight must be positive; got {src.weight}")
+    labels = [s.label for s in data_sources(d)]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"data.sources need distinct names (set name: on each); got {labels}")
+    if not 0 <= d.max_error_rate < 1:
+        raise ConfigError(f"data.max_error_rate must be in [0, 1); got {d.max_error_rate}")
+    for i, src in enumerate(data_sources(d)):
+        where = "data.path" if d.path is not None else f"data.sources[{i}].path"
+        if (src.path.startswith("pipe:") or (src.shards or "").startswith("pipe:")) and not d.allow_pipe:
+            raise ConfigError(f"{where} is a pipe: URL, which runs a shell command; set data.allow_pipe=true "
+                              f"if you trust this config")
+
+
+def data_sources(d: DataConfig):
+    """The sources to read, as :class:`distlm.data.stream.Source`: ``data.path`` is one of weight 1."""
+    from distlm.data.stream import Source  # data imports torch; config stays light until needed
+
+    if d.path is not None:
+        return [Source(d.path)]
+    return [Source(s.path, s.weight, s.name, s.shards) for s in d.sources]
 
 
 # --------------------------------------------------------------------------- writing

@@ -133,3 +133,26 @@ def test_interface_keys_exist():
                 "train.save_every", "train.resume", "optim.lr", "parallel.zero_stage", "parallel.tp",
                 "parallel.pp"):
         assert key in keys
+
+
+def test_data_sources_parse_into_typed_entries_and_round_trip(tmp_path):
+    cfg = load_config(None, ["data.sources=[{path: a, weight: 3}, {path: b, name: code}]", "data.on_error=skip"])
+    assert [(s.path, s.weight, s.name) for s in cfg.data.sources] == [("a", 3.0, None), ("b", 1.0, "code")]
+    validate(cfg)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml").data == cfg.data
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.sources=[{path: a}]", "data.path=b"], "not both"),
+    (["data.sources=[{path: a, weight: 0}]"], r"data.sources\[0\].weight must be positive"),
+    (["data.sources=[{path: x/a}, {path: y/a}]"], "distinct names"),
+    (["data.sources=[{path: a, wieght: 2}]"], r"unknown key data.sources\[0\].wieght \(did you mean 'weight'\?\)"),
+    (["data.sources={path: a}"], "data.sources must be a list"),
+    (["data.path=a", "data.on_error=ignore"], "data.on_error must be one of fail, skip"),
+    (["data.path=a", "data.max_error_rate=1.5"], r"data.max_error_rate must be in \[0, 1\)"),
+    (["data.path=pipe:curl -s http://h/ds/{}"], "allow_pipe"),
+])
+def test_bad_data_sources_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate(load_config(None, overrides))

@@ -69,14 +69,14 @@ def global_rows(data_dir, *, dp, m, n_batches, start_row=0, **kw):
 
 
 def test_batches_have_the_right_shape_and_shift(data_dir, natural):
-    x, y = next(iter(TokenStream(data_dir, micro_batch_size=4, shuffle=False)))
+    x, y, _ = next(iter(TokenStream(data_dir, micro_batch_size=4, shuffle=False)))
     assert x.dtype == torch.int64 and x.shape == (4, SEQ_LEN) and y.shape == (4, SEQ_LEN)
     np.testing.assert_array_equal(x.numpy(), natural[:4, :SEQ_LEN])
     np.testing.assert_array_equal(y.numpy(), natural[:4, 1:])
 
 
 def test_shorter_seq_len_truncates_longer_raises(data_dir, natural):
-    x, y = next(iter(TokenStream(data_dir, micro_batch_size=3, shuffle=False, seq_len=5)))
+    x, y, _ = next(iter(TokenStream(data_dir, micro_batch_size=3, shuffle=False, seq_len=5)))
     np.testing.assert_array_equal(x.numpy(), natural[:3, :5])
     np.testing.assert_array_equal(y.numpy(), natural[:3, 1:6])
     with pytest.raises(ValueError, match="seq_len 9 is not in 1..8"):
@@ -144,8 +144,8 @@ def test_reading_from_a_short_window_into_longer_ones(data_dir, natural):
     kw = dict(micro_batch_size=7, seed=4, shuffle_blocks=6)
     stream = TokenStream(data_dir, **kw)
     R = stream.rows_per_epoch
-    last = int(stream._layout(0).window_start[-2])
-    assert np.diff(stream._layout(1).window_start).max() > R - last
+    last = int(stream.orders[0].layout(0).window_start[-2])
+    assert np.diff(stream.orders[0].layout(1).window_start).max() > R - last
     got = rows_of(take(iter(TokenStream(data_dir, start_row=last, **kw)), (R - last + 120) // 7))
     order = np.concatenate([stream.row_order(0), stream.row_order(1)])
     np.testing.assert_array_equal(got, natural[order[last : last + len(got)]])
@@ -195,19 +195,19 @@ def test_workers_give_identical_batches(data_dir, num_workers):
     workers = take(loader, n)
     del loader
     assert len(workers) == n
-    for (xa, ya), (xb, yb) in zip(direct, workers):
+    for (xa, ya, _), (xb, yb, _) in zip(direct, workers):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_each_block_is_decompressed_once_per_window(data_dir, monkeypatch):
     calls = []
-    real = shards_mod.decode_block
+    real = shards_mod.ShardReader.decode_into
 
-    def counting(data, **kw):
-        calls.append(kw["where"])
-        return real(data, **kw)
+    def counting(reader, block_index, data, out):
+        calls.append((str(reader.url), block_index))
+        return real(reader, block_index, data, out)
 
-    monkeypatch.setattr(shards_mod, "decode_block", counting)
+    monkeypatch.setattr(shards_mod.ShardReader, "decode_into", counting)
     stream = TokenStream(data_dir, micro_batch_size=7, shuffle_blocks=3, seed=5)
     R = stream.rows_per_epoch
     take(iter(stream), R // 7)  # most of one epoch
@@ -222,7 +222,7 @@ def test_resume_skips_shards_before_start_without_reading_them(data_dir, natural
     first = copy / train.shards[0].path
     first.write_bytes(first.read_bytes()[:100])  # would raise if it were read
     start = train.shards[0].rows + 3
-    x, _ = next(iter(TokenStream(copy, micro_batch_size=4, shuffle=False, start_row=start)))
+    x, _, _ = next(iter(TokenStream(copy, micro_batch_size=4, shuffle=False, start_row=start)))
     np.testing.assert_array_equal(x.numpy(), natural[start:start + 4, :SEQ_LEN])
     with pytest.raises(ShardError, match=train.shards[0].path):
         next(iter(TokenStream(copy, micro_batch_size=4, shuffle=False)))
@@ -260,5 +260,36 @@ def test_missing_shard_and_bad_arguments(data_dir, tmp_path):
 
 def test_val_split_streams(data_dir):
     stream = TokenStream(data_dir, "val", micro_batch_size=2, shuffle=False)
-    x, y = next(iter(stream))
+    x, y, _ = next(iter(stream))
     assert x.shape == (2, SEQ_LEN)
+
+
+def test_remote_dataset_and_brace_pattern_read_the_same_rows(data_dir):
+    from distlm.data.stream import Source
+    from remote_server import serve_directory
+
+    kw = dict(micro_batch_size=9, seed=5, shuffle_blocks=3)
+    local = rows_of(take(iter(TokenStream(data_dir, **kw)), 60))
+    n_shards = len(load_manifest(data_dir).split("train").shards)
+    with serve_directory(data_dir.parent) as base:
+        url = f"{base}/{data_dir.name}"
+        over_http = rows_of(take(iter(TokenStream(url, **kw)), 60))
+        # Shards found through a WebDataset brace pattern instead of the manifest's names.
+        pattern = f"{url}/train-{{000000..{n_shards - 1:06d}}}.tar"
+        braced = rows_of(take(iter(TokenStream([Source(str(data_dir), shards=pattern)], **kw)), 60))
+    np.testing.assert_array_equal(over_http, local)
+    np.testing.assert_array_equal(braced, local)
+    with pytest.raises(ValueError, match="gives 2 URLs but"):
+        TokenStream([Source(str(data_dir), shards=f"{data_dir}/train-{{000000..000001}}.tar")], **kw)
+
+
+def test_pipe_urls_need_the_opt_in(data_dir):
+    from distlm.data.stream import Source
+
+    pattern = f"pipe:cat {data_dir}/train-{{000000..{len(load_manifest(data_dir).split('train').shards) - 1:06d}}}.tar"
+    stream = TokenStream([Source(str(data_dir), shards=pattern)], micro_batch_size=4, shuffle=False)
+    with pytest.raises(ValueError, match="allow_pipe"):
+        next(iter(stream))
+    opted = TokenStream([Source(str(data_dir), shards=pattern)], micro_batch_size=4, shuffle=False, allow_pipe=True)
+    direct = TokenStream(data_dir, micro_batch_size=4, shuffle=False)
+    assert torch.equal(next(iter(opted)).inputs, next(iter(direct)).inputs)

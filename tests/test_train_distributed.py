@@ -140,3 +140,27 @@ def test_data_without_a_validation_split_trains_and_saves(tmp_path):
     assert "no validation split: evaluation is skipped" in out
     assert not [r for r in read_metrics(tmp_path / "run") if "val_loss" in r]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step-{STEPS:08d}"
+
+
+def test_blended_sources_with_a_damaged_shard_train_and_report_it(data_dir, tmp_path):
+    """Two sources (one missing a shard) on 2 ranks with data.on_error=skip: the run finishes,
+    counts the fault once per rank that met it, and reports each source's rows."""
+    import shutil
+
+    from distlm.data.shards import load_manifest
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data_dir, damaged)
+    (damaged / load_manifest(damaged).split("train").shards[0].path).unlink()
+    sources = f"data.sources=[{{path: {data_dir}, weight: 3, name: clean}}, {{path: {damaged}, name: damaged}}]"
+    out = run_distlm(["train", CONFIG, "data.path=null", sources, f"run.dir={tmp_path / 'run'}", f"train.max_steps={STEPS}",
+                      "train.log_every=1", "train.batch_size=8", "data.on_error=skip", "data.max_error_rate=0.9",
+                      "data.shuffle_blocks=1", "train.eval_iters=2"], nproc=2, timeout=300).stdout
+    assert "data error (missing)" in out and "bad data:" in out
+    rows = step_rows(tmp_path / "run")
+    last = rows[-1]
+    assert last["source_rows"]["clean"] + last["source_rows"]["damaged"] == STEPS * 8
+    assert abs(last["source_rows"]["damaged"] - STEPS * 8 / 4) <= 8
+    assert last["source_tokens"]["clean"] == last["source_rows"]["clean"] * 32
+    assert last["data_errors"]["missing"] >= 1 and last["data_errors"]["rows_skipped"] >= 1
+    assert all(math.isfinite(r["loss"]) for r in rows)

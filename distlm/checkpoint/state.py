@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -46,6 +46,7 @@ class TrainState:
     rows_consumed: int = 0      # global training rows read (the data stream's position)
     tokens_seen: int = 0
     elapsed_s: float = 0.0      # training wall time before this process started
+    data: dict = field(default_factory=dict)  # the loader's position per source (train/data.py)
 
 
 def tag_for(step: int) -> str:

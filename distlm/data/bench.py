@@ -6,7 +6,8 @@ stored rows (``seq_len + 1`` per row) per second:
 * ``loader_tokens_per_s``: :class:`~distlm.data.stream.TokenStream` with shuffling on, iterated
   directly (no loader workers), as training reads it: tar iteration, decompression, the
   shuffled gather and the conversion to LongTensors. The first micro-batch (start-up) is not
-  timed; at least one whole shuffling window is read.
+  timed; at least one whole shuffling window is read. Rows are produced as training takes them: one int64 copy per
+  micro-batch, inputs and targets views of it.
 * ``zstd_tokens_per_s``: ``zstandard.ZstdDecompressor().decompress`` alone over every block's
   compressed bytes, read into memory beforehand (on a split over 512 MiB compressed, only its
   first blocks up to that size).
@@ -39,7 +40,7 @@ def _raw_blocks(stream: TokenStream, max_bytes: int) -> list[bytes]:
     frames: list[bytes] = []
     size = 0
     for shard in stream.split.shards:
-        with ShardReader(manifest.shard_path(shard), dtype=manifest.np_dtype, row_len=manifest.row_len,
+        with ShardReader(manifest.shard_url(shard), dtype=manifest.np_dtype, row_len=manifest.row_len,
                          block_rows=shard.block_rows) as reader:
             for i in range(len(shard.block_rows)):
                 frames.append(reader.raw(i))
@@ -111,7 +112,7 @@ def bench_dataset(
     stream = TokenStream(data_dir, split, micro_batch_size=micro_batch_size, shuffle=True)
     manifest, info = stream.manifest, stream.split
     log(
-        f"dataset {manifest.path} split {split}: {info.rows:,} rows, {info.blocks:,} blocks in "
+        f"dataset {manifest.location} split {split}: {info.rows:,} rows, {info.blocks:,} blocks in "
         f"{len(info.shards)} shard(s), seq_len {manifest.seq_len}, {manifest.dtype}; "
         f"micro_batch_size {micro_batch_size}, ~{seconds:g} s per measurement"
     )
@@ -120,7 +121,7 @@ def bench_dataset(
     compressed = sum(len(f) for f in frames)
     tokens_per_batch = micro_batch_size * manifest.row_len
     # At least the rows of the first shuffling window, so each of its blocks is decoded once.
-    min_batches = -(-int(stream._layout(0).window_start[1]) // micro_batch_size)
+    min_batches = -(-int(stream.orders[0].layout(0).window_start[1]) // micro_batch_size)
     # The two sides alternate in short slices, so a machine whose speed drifts (turbo, noisy
     # neighbours) slows both alike instead of skewing the ratio.
     slices = max(1, round(seconds / _SLICE_S))
@@ -143,7 +144,7 @@ def bench_dataset(
     ratio = loader_rate / zstd_rate
     log(f"loader_tokens_per_s={loader_rate:.0f} zstd_tokens_per_s={zstd_rate:.0f} ratio={ratio:.3f}")
     return {
-        "dataset": str(manifest.path),
+        "dataset": manifest.location,
         "split": split,
         "rows": info.rows,
         "blocks": info.blocks,

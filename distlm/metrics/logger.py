@@ -36,6 +36,10 @@ def format_step_line(row: dict, max_steps: int, colour: bool = False) -> str:
     if row.get("mfu") is not None:
         parts.append(f"mfu {100 * row['mfu']:.1f}%")
     parts.append(f"data {100 * row['data_wait']:.1f}%")
+    if row.get("data_errors"):
+        errors = row["data_errors"]
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(errors.items()) if k != "rows_skipped")
+        parts.append(f"bad data: {errors.get('rows_skipped', 0)} rows skipped ({kinds})")
     if row.get("mem_bytes"):
         parts.append(f"mem {row['mem_bytes'] / 2**30:.1f} GiB")
     line = " | ".join(parts)

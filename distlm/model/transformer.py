@@ -292,10 +292,12 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         # float32 for the softmax over a large vocabulary, whatever the model's dtype.
-        # Positions whose target is -100 are left out of the mean.
-        return F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
-        )
+        # Positions whose target is -100 (rows the loader skipped as damaged) are left out of
+        # the mean; a micro-batch with none left gives 0 and no gradient, not NaN.
+        targets = targets.reshape(-1)
+        total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets, ignore_index=-100,
+                                reduction="sum")
+        return total / (targets != -100).sum().clamp(min=1)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; non_embedding leaves out the token and position tables (Kaplan et al.).

@@ -10,22 +10,20 @@ from __future__ import annotations
 import torch
 
 from distlm.config import BatchLayout, Config
-from distlm.data import TokenStream
 from distlm.parallel.distributed import DistContext, all_reduce_mean
+from distlm.train.data import val_stream
 
 
 @torch.no_grad()
 def evaluate(engine, cfg: Config, layout: BatchLayout, ctx: DistContext, split: str = "val") -> tuple[float, int]:
     """Return (mean validation loss, global batches). Always the same rows, in file order."""
-    stream = TokenStream(cfg.data.path, split, micro_batch_size=layout.micro_batch_size,
-                         dp_rank=ctx.rank, dp_size=layout.dp, seed=cfg.data.seed, shuffle=False,
-                         seq_len=cfg.train.seq_len)
+    stream = val_stream(cfg, layout, ctx.rank, split)
     micro_batches = cfg.train.eval_iters * layout.grad_accum
     engine.eval()
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
     batches = iter(stream)
     for _ in range(micro_batches):
-        tokens, targets = next(batches)
+        tokens, targets, _ = next(batches)
         # Every micro-batch has the same number of tokens, so the mean of means is the mean.
         total += engine(tokens.to(ctx.device), targets.to(ctx.device)).double()
     engine.train()

@@ -14,13 +14,15 @@ import torch
 
 from distlm.checkpoint import state as checkpoint
 from distlm.checkpoint.state import TrainState
-from distlm.config import Config, ConfigError, save_config, to_dict, validate, world_size_from_env
-from distlm.data import TokenStream, load_manifest, make_loader
+from distlm.config import Config, ConfigError, data_sources, save_config, to_dict, validate, world_size_from_env
+from distlm.data import load_manifest, make_loader
+from distlm.data.shards import ShardError
 from distlm.metrics.logger import RunLog
 from distlm.metrics.mfu import device_peak_flops, mfu
 from distlm.model import Transformer, flops_per_token, matmul_params, parameter_groups
 from distlm.parallel.distributed import all_reduce_mean, init_distributed
 from distlm.train.engine import build_engine, distlm_clips, set_learning_rate
+from distlm.train.data import DataCounters, DataDigest, data_state, train_stream
 from distlm.train.evaluate import evaluate
 from distlm.train.resources import memory_bytes
 from distlm.train.schedule import learning_rate
@@ -29,28 +31,33 @@ from distlm.train.step import train_step
 
 def resolve_from_data(cfg: Config) -> tuple[Config, bool]:
     """Fill the sizes that default to the prepared data's; return (config, has a val split)."""
-    try:
-        manifest = load_manifest(cfg.data.path)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"data.path={cfg.data.path}: {e}") from None
+    manifests = []
+    for src in data_sources(cfg.data):
+        try:
+            manifests.append((src, load_manifest(src.path, allow_pipe=cfg.data.allow_pipe)))
+        except (FileNotFoundError, ValueError, ShardError) as e:
+            raise ConfigError(f"data source {src.label} ({src.path}): {e}") from None
+    vocab = max(m.vocab_size for _, m in manifests)
+    shortest = min(manifests, key=lambda sm: sm[1].seq_len)
     if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = manifest.vocab_size
-    elif cfg.model.vocab_size < manifest.vocab_size:
+        cfg.model.vocab_size = vocab
+    elif cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
-                          f"tokenizer ({manifest.vocab_size} ids in {cfg.data.path}/manifest.json)")
+                          f"tokenizer ({vocab} ids in the manifest of {manifests[0][0].path})")
     if cfg.train.seq_len is None:
-        cfg.train.seq_len = manifest.seq_len
-    elif cfg.train.seq_len > manifest.seq_len:
-        raise ConfigError(f"train.seq_len={cfg.train.seq_len} is longer than the rows in {cfg.data.path} "
-                          f"(seq_len {manifest.seq_len}); prepare the data with --seq-len {cfg.train.seq_len}")
+        cfg.train.seq_len = shortest[1].seq_len
+    elif cfg.train.seq_len > shortest[1].seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} is longer than the rows in {shortest[0].path} "
+                          f"(seq_len {shortest[1].seq_len}); prepare the data with --seq-len {cfg.train.seq_len}")
     if cfg.model.max_seq_len is None:
         cfg.model.max_seq_len = cfg.train.seq_len
     elif cfg.model.max_seq_len < cfg.train.seq_len:
         raise ConfigError(f"model.max_seq_len={cfg.model.max_seq_len} is shorter than the training "
                           f"sequences (train.seq_len={cfg.train.seq_len})")
-    if "train" not in manifest.splits:
-        raise ConfigError(f"data.path={cfg.data.path} has no train split")
-    return cfg, "val" in manifest.splits
+    for src, m in manifests:
+        if "train" not in m.splits:
+            raise ConfigError(f"data source {src.label} ({src.path}) has no train split")
+    return cfg, all("val" in m.splits for _, m in manifests)
 
 
 def train(cfg: Config) -> dict:
@@ -89,8 +96,8 @@ def train(cfg: Config) -> dict:
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
     if not has_val:
-        log.info(f"{cfg.data.path} has no validation split: evaluation is skipped "
-                 f"(prepare with --val-fraction > 0 to get one)")
+        log.info("the data has no validation split: evaluation is skipped (prepare with --val-fraction > 0 "
+                 "to get one; with data.sources every source needs one)")
 
     tokens_per_step = layout.global_batch * cfg.train.seq_len
     flops = flops_per_token(cfg.model, cfg.train.seq_len, matmul_params(cfg.model, n_params))
@@ -100,10 +107,9 @@ def train(cfg: Config) -> dict:
              f"{layout.grad_accum} = {layout.global_batch} sequences of {cfg.train.seq_len} | "
              f"ZeRO {cfg.parallel.zero_stage} | {cfg.train.precision} on {ctx.device.type}")
 
-    stream = TokenStream(cfg.data.path, "train", micro_batch_size=layout.micro_batch_size,
-                         dp_rank=ctx.rank, dp_size=layout.dp, seed=cfg.data.seed,
-                         shuffle_blocks=cfg.data.shuffle_blocks, start_row=state.rows_consumed,
-                         seq_len=cfg.train.seq_len)
+    stream = train_stream(cfg, layout, ctx.rank, state.rows_consumed, state.data, log.info)
+    data_errors = DataCounters()
+    digest = DataDigest(cfg.train.seq_len)
     clip_here = distlm_clips(cfg)
     batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=ctx.device.type == "cuda"))
 
@@ -122,12 +128,16 @@ def train(cfg: Config) -> dict:
         wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(layout.grad_accum)]
         interval.data_s += time.perf_counter() - wait_start
+        for batch in micro_batches:
+            data_errors.add(batch.errors)
+            digest.add(batch.targets)
         result = train_step(engine, micro_batches, ctx.device, clip_here, cfg.optim.grad_clip,
                             want_grad_norm=logging_now)
 
         state.step += 1
         state.rows_consumed += layout.global_batch
         state.tokens_seen += tokens_per_step
+        state.data = data_state(stream, state.rows_consumed)
         interval.steps += 1
 
         if logging_now or saving_now:
@@ -144,7 +154,11 @@ def train(cfg: Config) -> dict:
                     "ms_per_step": 1000 * seconds / interval.steps,
                     "mfu": mfu(flops, tokens_per_s, ctx.world_size, peak),
                     "data_wait": interval.data_s / seconds, "tokens": state.tokens_seen,
-                    "mem_bytes": memory_bytes(ctx.device)}
+                    "mem_bytes": memory_bytes(ctx.device),
+                    "source_rows": {src["name"]: src["rows"] for src in state.data["sources"]},
+                    "source_tokens": {src["name"]: src["tokens"] for src in state.data["sources"]},
+                    "data_errors": data_errors.global_totals(ctx.device),
+                    "data_digest": digest.global_value(ctx.device)}
             log.step(last)
             interval = _Interval()
         if saving_now:  # before evaluating: a failing evaluation must not cost the checkpoint

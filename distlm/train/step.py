@@ -24,7 +24,7 @@ def train_step(engine, micro_batches: list, device: torch.device, clip_here: boo
     """
     losses = []
     norm = None
-    for tokens, targets in micro_batches:
+    for tokens, targets, *_ in micro_batches:
         tokens = tokens.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         loss = engine(tokens, targets)
