@@ -293,3 +293,38 @@ def test_pipe_urls_need_the_opt_in(data_dir):
     opted = TokenStream([Source(str(data_dir), shards=pattern)], micro_batch_size=4, shuffle=False, allow_pipe=True)
     direct = TokenStream(data_dir, micro_batch_size=4, shuffle=False)
     assert torch.equal(next(iter(opted)).inputs, next(iter(direct)).inputs)
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10**6), m=st.integers(1, 30), dp=st.integers(1, 4), workers=st.integers(1, 4),
+       dp_after=st.integers(1, 4), workers_after=st.integers(1, 4), done=st.integers(0, 40),
+       shuffle_blocks=st.sampled_from([1, 2, 8]))
+def test_any_layout_and_resume_reads_each_epoch_as_a_permutation(data_dir, natural, seed, m, dp, workers,
+                                                                  dp_after, workers_after, done, shuffle_blocks):
+    """dp ranks x loader workers, interrupted after `done` global batches and resumed on another
+    layout: the rows read are the single-process order, each epoch a permutation, no gap or repeat."""
+
+    def read(dp, workers, start_row, n_global):
+        # DataLoader takes micro-batch k of a rank from worker k % workers; ranks' slices concatenate.
+        if n_global == 0:
+            return np.empty((0, SEQ_LEN + 1), dtype=np.int64)
+        per_rank = []
+        for r in range(dp):
+            stream = TokenStream(data_dir, micro_batch_size=m, dp_rank=r, dp_size=dp, seed=seed,
+                                 shuffle_blocks=shuffle_blocks, start_row=start_row)
+            its = [stream.worker_batches(w, workers) for w in range(workers)]
+            per_rank.append([next(its[k % workers]) for k in range(n_global)])
+        return np.concatenate([rows_of([per_rank[r][k] for r in range(dp)]) for k in range(n_global)])
+
+    R = load_manifest(data_dir).split("train").rows
+    before = read(dp, workers, 0, done)
+    start = done * m * dp
+    # Resume and read on to the end of epoch 1 (at least one more global batch).
+    after = read(dp_after, workers_after, start, max(1, -(-(2 * R - start) // (m * dp_after))))
+    got = np.concatenate([before, after])
+    order = TokenStream(data_dir, micro_batch_size=m, seed=seed, shuffle_blocks=shuffle_blocks)
+    expected = np.concatenate([order.row_order(0), order.row_order(1)])
+    got = got[: len(expected)]
+    np.testing.assert_array_equal(got, natural[expected][: len(got)])
+    for e in range(2):  # each epoch visits every row of the split exactly once
+        np.testing.assert_array_equal(np.sort(expected[e * R:(e + 1) * R]), np.arange(R))

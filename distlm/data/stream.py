@@ -299,7 +299,13 @@ class TokenStream(IterableDataset):
 
     def __iter__(self) -> Iterator[MicroBatch]:
         info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.worker_batches(*((info.id, info.num_workers) if info is not None else (0, 1)))
+
+    def worker_batches(self, worker: int, n_workers: int) -> Iterator[MicroBatch]:
+        """The micro-batches loader worker ``worker`` of ``n_workers`` produces: ``k = worker,
+        worker + n_workers, ...`` of this rank. DataLoader takes them from its workers in turn."""
+        if not 0 <= worker < n_workers:
+            raise ValueError(f"need 0 <= worker < n_workers, got worker={worker}, n_workers={n_workers}")
         log = self.log or _stderr_log(self.dp_rank, worker)
         cursors = [
             _Cursor(order, _ErrorPolicy(self.on_error, self.max_error_rate, order.rows, order.source.label, log),
