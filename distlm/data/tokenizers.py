@@ -352,16 +352,7 @@ class HFTokenizer:
 
     def to_dict(self) -> dict[str, Any]:
         """Summary for manifest.json; the vocabulary itself is in the saved tokenizer.json."""
-        return {
-            "name": self.name,
-            "vocab_size": self.vocab_size,
-            "eos_id": self.eos_id,
-            "bos_id": self.bos_id,
-            "pad_id": self.pad_id,
-            "mask_id": self.mask_id,
-            "special_tokens": dict(self.special_tokens),
-            "sha256": self.sha256,
-        }
+        return _file_summary(self)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the HF tokenizer.json (the bytes :attr:`sha256` covers), readable by HF tools."""
@@ -378,6 +369,20 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.source}, vocab {self.vocab_size}, eos {self.eos_id})"
+
+
+def _file_summary(tok: Any) -> dict[str, Any]:
+    """What manifest.json records of a tokenizer kept in a file: its ids and the file's hash."""
+    return {
+        "name": tok.name,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "pad_id": tok.pad_id,
+        "mask_id": tok.mask_id,
+        "special_tokens": dict(tok.special_tokens),
+        "sha256": tok.sha256,
+    }
 
 
 class SentencePieceTokenizer:
@@ -460,16 +465,7 @@ class SentencePieceTokenizer:
 
     def to_dict(self) -> dict[str, Any]:
         """Summary for manifest.json (the saved file adds the model itself)."""
-        return {
-            "name": self.name,
-            "vocab_size": self.vocab_size,
-            "eos_id": self.eos_id,
-            "bos_id": self.bos_id,
-            "pad_id": self.pad_id,
-            "mask_id": self.mask_id,
-            "special_tokens": dict(self.special_tokens),
-            "sha256": self.sha256,
-        }
+        return _file_summary(self)
 
     def save(self, path: str | os.PathLike) -> None:
         """One self-contained JSON file: :meth:`to_dict` plus the model proto in base64."""
