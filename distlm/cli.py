@@ -25,10 +25,19 @@ def _prepare(args: argparse.Namespace) -> int:
 
     kwargs = {"inputs": args.inputs, "out_dir": args.out, "tokenizer": args.tokenizer,
               "seq_len": args.seq_len, "text_field": args.text_field, "shard_mb": args.shard_mb,
-              "block_rows": args.block_rows, "stride": args.stride}
+              "block_rows": args.block_rows, "stride": args.stride, "workers": args.workers,
+              "restart": args.restart, "add_bos": args.add_bos, "batch_mb": args.batch_mb}
     if args.val_fraction is not None:
         kwargs["val_fraction"] = args.val_fraction
     prepare_corpus(**kwargs, log=lambda message: print(message, file=sys.stderr, flush=True))
+    return 0
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from distlm.data.tokenizer_train import train_bpe
+
+    train_bpe(args.inputs, args.out, args.vocab_size, text_field=args.text_field,
+              min_frequency=args.min_frequency, log=lambda message: print(message, file=sys.stderr, flush=True))
     return 0
 
 
@@ -43,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
 def _data_verify(args: argparse.Namespace) -> int:
     from distlm.data.verify import verify_dataset
 
-    problems = verify_dataset(args.dir, log=lambda message: print(message, flush=True))
+    problems = verify_dataset(args.dir, log=lambda message: print(message, flush=True), allow_pipe=args.allow_pipe)
     return EXIT_DATA_ERROR if problems else 0
 
 
@@ -63,9 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize text into WebDataset token shards")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="text files, directories, .jsonl or .jsonl.zst files")
-    p.add_argument("--out", required=True, help="output folder (must not hold a dataset already)")
-    p.add_argument("--tokenizer", default="byte", help="byte, char, or a tokenizer.json written by prepare")
+                   help="text files, directories, .jsonl, .jsonl.zst, .jsonl.gz or .gz text files")
+    p.add_argument("--out", required=True,
+                   help="output folder (must not hold a dataset already; an interrupted prepare there is resumed)")
+    p.add_argument("--tokenizer", default="byte",
+                   help="byte, char (fitted on the inputs), a tokenizer.json (distlm or Hugging Face), "
+                        "a sentencepiece .model, or a dataset folder")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence (default 1024)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="share of the token stream's tail held out for validation")
@@ -76,12 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=256, help="approximate shard size in MB (default 256)")
     p.add_argument("--block-rows", type=int, default=None,
                    help="rows per tar member (default: about 1 MiB of tokens)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that tokenize and compress (default: one per CPU); the output does not depend on it")
+    p.add_argument("--restart", action="store_true",
+                   help="discard the partial work of an interrupted prepare in --out instead of resuming it")
+    p.add_argument("--add-bos", action="store_true",
+                   help="start every document with the tokenizer's BOS token (EOS always ends it)")
+    p.add_argument("--batch-mb", type=float, default=8.0,
+                   help="advanced: MB of input per tokenizing job (default 8); the output does not depend on it")
     p.set_defaults(run=_prepare)
+
+    k = sub.add_parser("tokenizer", help="train tokenizers")
+    ksub = k.add_subparsers(dest="tokenizer_command", required=True)
+    kt = ksub.add_parser("train", help="train a byte-level BPE tokenizer.json (Hugging Face tokenizers)",
+                         description="Train a byte-level BPE; special ids: <|endoftext|>=0 (EOS), <|pad|>=1, "
+                                     "<|mask|>=2, <|bos|>=3. Use the output with prepare --tokenizer FILE.")
+    kt.add_argument("inputs", nargs="+", metavar="INPUT", help="text files, directories, .jsonl or .jsonl.zst files")
+    kt.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary (at least 261)")
+    kt.add_argument("--out", required=True, help="tokenizer.json to write")
+    kt.add_argument("--text-field", default="text", help="JSONL field that holds the text (default text)")
+    kt.add_argument("--min-frequency", type=int, default=2,
+                    help="merge only pairs seen at least this often (default 2)")
+    kt.set_defaults(run=_tokenizer_train)
 
     d = sub.add_parser("data", help="inspect a prepared dataset")
     dsub = d.add_subparsers(dest="data_command", required=True)
     v = dsub.add_parser("verify", help="check every shard against manifest.json (exit 3 naming bad shards)")
     v.add_argument("dir", metavar="DIR", help="a folder written by distlm prepare")
+    v.add_argument("--allow-pipe", action="store_true",
+                   help="allow a pipe: URL for DIR (it runs a shell command); off by default")
     v.set_defaults(run=_data_verify)
     b = dsub.add_parser("bench", help="tokens/s of the training loader vs bare zstd decoding of the same shards")
     b.add_argument("dir", metavar="DIR", help="a folder written by distlm prepare")
@@ -99,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distlm.checkpoint.state import CheckpointError
+    from distlm.checkpoint.errors import CheckpointError
     from distlm.config import ConfigError
     from distlm.data.inputs import InputError
     from distlm.data.shards import ShardError

@@ -1,5 +1,13 @@
+import gzip
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +20,8 @@ from distlm.data.inputs import InputError
 from distlm.data.prepare import PrepareError, prepare_corpus
 from distlm.data.shards import iter_shard_blocks, load_manifest
 from distlm.data.tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer
+
+from helpers import ROOT
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 
@@ -278,3 +288,256 @@ def test_stride_out_of_range_is_refused(tmp_path):
     (tmp_path / "a.txt").write_text("hello world " * 20)
     with pytest.raises(PrepareError, match="stride must be between 1 and seq_len"):
         prepare_corpus([str(tmp_path / "a.txt")], tmp_path / "out", seq_len=8, stride=9, log=quiet)
+
+
+# --------------------------------------------------------------------------------------------
+# At scale: workers, resume, .gz inputs, document boundaries
+
+
+def make_corpus(root):
+    """Every input kind, a text file of several 2 MiB pieces (one cut inside a newline-free run of
+    two-byte characters) and a binary file; returns the documents in input order."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gämma", "δέλτα", "ε", "🙂", "x"]
+
+    def text(n):
+        return " ".join(rng.choice(words, n)) + "\n"
+
+    docs = []
+    docs.append(text(50))
+    (root / "a.txt").write_text(docs[-1], encoding="utf-8")
+    recs = [{"text": text(int(rng.integers(0, 400))), "n": i} for i in range(300)]
+    (root / "b.jsonl").write_bytes(_jsonl(recs[:150]) + b"\n" + _jsonl(recs[150:]))
+    docs += [r["text"] for r in recs]
+    recs = [{"text": text(int(rng.integers(1, 300)))} for i in range(200)]
+    raw = _jsonl(recs)
+    (root / "c.jsonl.gz").write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+    docs += [r["text"] for r in recs]
+    docs.append("".join(text(30) for _ in range(500)))
+    (root / "d.txt.gz").write_bytes(gzip.compress(docs[-1].encode("utf-8")))
+    docs.append("".join(text(40) for _ in range(600)) + "é" * 1_100_000 + "\n" + text(100))
+    (root / "e.txt").write_text(docs[-1], encoding="utf-8")
+    (root / "f.bin").write_bytes(b"\x00\xff\xfe" * 1000)
+    return docs
+
+
+def manifest_without_time(out):
+    m = json.loads((Path(out) / "manifest.json").read_text())
+    m.pop("created")
+    return m
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "char"])
+def test_workers_and_batch_size_do_not_change_the_output(tmp_path, tokenizer):
+    docs = make_corpus(tmp_path / "src")
+    kwargs = dict(tokenizer=tokenizer, seq_len=64, val_fraction=0.05, block_rows=32, shard_mb=0.3, log=quiet)
+    one = prepare_corpus([tmp_path / "src"], tmp_path / "w1", workers=1, **kwargs)
+    two = prepare_corpus([tmp_path / "src"], tmp_path / "w2", workers=2, batch_mb=0.2, **kwargs)
+    assert len(two["splits"]["train"]["shards"]) > 1
+    assert manifest_without_time(tmp_path / "w1") == manifest_without_time(tmp_path / "w2")
+    assert one["source"]["skipped_files"] == 1 and one["source"]["files"] == 5
+    check_dataset(tmp_path / "w2", load_tokenizer(tmp_path / "w2"), docs, 64)
+    assert not (tmp_path / "w2" / ".prepare").exists()
+
+
+def test_gz_inputs_and_a_truncated_gz(tmp_path):
+    docs = ["gzipped text ✓\n" * 30]
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(docs[0].encode("utf-8")))
+    recs = [{"text": f"record {i} " * (i + 1)} for i in range(40)]
+    raw = _jsonl(recs)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(raw[:700]) + gzip.compress(raw[700:]))
+    docs += [r["text"] for r in recs]
+    prepare_corpus([tmp_path / "a.txt.gz", tmp_path / "b.jsonl.gz"], tmp_path / "o", seq_len=8,
+                   val_fraction=0.1, log=quiet)
+    check_dataset(tmp_path / "o", ByteTokenizer(), docs, 8)
+
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(raw)[:-12])
+    with pytest.raises(InputError, match=r"cut\.jsonl\.gz: the gzip stream is truncated"):
+        prepare_corpus([tmp_path / "cut.jsonl.gz"], tmp_path / "o2", seq_len=8, log=quiet)
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(200)))
+    with pytest.raises(InputError, match=r"bad\.gz: corrupt gzip data"):
+        prepare_corpus([tmp_path / "bad.gz"], tmp_path / "o3", seq_len=8, log=quiet)
+
+
+def test_documents_are_separated_by_eos(tmp_path):
+    docs = [f"document {i}: " + "word " * (i * 7 % 23) for i in range(60)] + [""]
+    for i, d in enumerate(docs):
+        (tmp_path / f"{i:03d}.txt").write_text(d)
+    out = tmp_path / "out"
+    m = prepare_corpus([tmp_path], out, seq_len=16, val_fraction=0.2, log=quiet)
+    tok = ByteTokenizer()
+    assert m["documents"] == "eos" and m["add_bos"] is False
+    # A split's documents are the EOS ids of its part of the stream (its rows and dropped tail).
+    stream = expected_stream(tok, docs)
+    n_train = m["splits"]["train"]["tokens"]
+    assert m["splits"]["train"]["documents"] == np.count_nonzero(stream[:n_train] == tok.eos_id)
+    assert m["splits"]["val"]["documents"] == np.count_nonzero(stream[n_train:] == tok.eos_id)
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == len(docs)
+    # Cutting the rows' tokens at EOS gives the documents back, in order (bar the dropped tail).
+    pieces = tok.decode(unoverlap(split_rows(out, "train")), eos_text="\x00").split("\x00")
+    assert len(pieces) > 40 and pieces[:-1] == docs[:len(pieces) - 1]
+    assert docs[len(pieces) - 1].startswith(pieces[-1])
+
+
+class BosByteTokenizer(ByteTokenizer):
+    """Byte ids, EOS 256 and a BOS 257."""
+
+    bos_id = 257
+    vocab_size = 258
+
+    def to_dict(self):
+        return {**super().to_dict(), "vocab_size": 258, "bos_id": 257}
+
+
+def test_add_bos(tmp_path):
+    docs = ["first doc ", "second ", "third document here"]
+    for i, d in enumerate(docs):
+        (tmp_path / f"{i}.txt").write_text(d)
+    with pytest.raises(PrepareError, match="--add-bos: the byte tokenizer has no BOS token"):
+        prepare_corpus([tmp_path], tmp_path / "o", seq_len=4, add_bos=True, log=quiet)
+    m = prepare_corpus([tmp_path], tmp_path / "o", tokenizer=BosByteTokenizer(), seq_len=4, val_fraction=0,
+                       add_bos=True, log=quiet)
+    assert m["add_bos"] is True
+    expected = np.concatenate([np.r_[257, ByteTokenizer().encode(d), 256] for d in docs])
+    stream = unoverlap(split_rows(tmp_path / "o", "train"))
+    np.testing.assert_array_equal(stream, expected[:len(stream)])
+
+
+def interrupt_on(label, after):
+    """A log callback that raises KeyboardInterrupt (as Ctrl-C would) at the ``after``-th progress line."""
+    seen = []
+
+    def log(msg):
+        seen.append(msg)
+        if msg.startswith(label + ":") and len([m for m in seen if m.startswith(label + ":")]) == after:
+            raise KeyboardInterrupt
+
+    return log, seen
+
+
+@pytest.mark.parametrize("phase, after", [("tokenize", 3), ("pack", 60)])
+def test_resume_after_ctrl_c_is_identical(tmp_path, phase, after):
+    docs = make_corpus(tmp_path / "src")
+    kwargs = dict(seq_len=64, val_fraction=0.05, block_rows=64, shard_mb=0.1, batch_mb=0.2, progress_s=0)
+    prepare_corpus([tmp_path / "src"], tmp_path / "ref", workers=1, log=quiet, **kwargs)
+    log, seen = interrupt_on(phase, after)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus([tmp_path / "src"], tmp_path / "out", workers=1, log=log, **kwargs)
+    assert (tmp_path / "out" / ".prepare" / "state.json").exists()
+    logs = []
+    prepare_corpus([tmp_path / "src"], tmp_path / "out", workers=1, log=logs.append, **kwargs)
+    assert any(line.startswith("resuming: ") for line in logs), logs
+    if phase == "pack":
+        assert any(re.match(r"resuming: [1-9]\d* shards? \(.* already written", line) for line in logs)
+    assert manifest_without_time(tmp_path / "out") == manifest_without_time(tmp_path / "ref")
+    check_dataset(tmp_path / "out", ByteTokenizer(), docs, 64)
+
+
+def test_resume_refuses_other_options_or_inputs_and_restart_starts_over(tmp_path):
+    make_corpus(tmp_path / "src")
+    kwargs = dict(seq_len=64, batch_mb=0.2, progress_s=0, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus([tmp_path / "src"], tmp_path / "out", log=interrupt_on("tokenize", 2)[0], **kwargs)
+    with pytest.raises(PrepareError, match=r"made with --seq-len 64, not 32;.*--restart"):
+        prepare_corpus([tmp_path / "src"], tmp_path / "out", log=quiet, **{**kwargs, "seq_len": 32})
+    with pytest.raises(PrepareError, match=r"made with --tokenizer 'byte', not 'char'"):
+        prepare_corpus([tmp_path / "src"], tmp_path / "out", log=quiet, tokenizer="char", **kwargs)
+    (tmp_path / "src" / "a.txt").write_text("changed")
+    with pytest.raises(PrepareError, match=r"input .*a\.txt changed size .* since it started; pass --restart"):
+        prepare_corpus([tmp_path / "src"], tmp_path / "out", log=quiet, **kwargs)
+    logs = []
+    prepare_corpus([tmp_path / "src"], tmp_path / "out", log=logs.append, restart=True, **kwargs)
+    assert any(line.startswith("--restart: discarded") for line in logs)
+    assert not any(line.startswith("resuming") for line in logs)
+
+
+def _marked_processes(marker):
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("DISTLM_TEST_MARK") == marker and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _wait_until_gone(marker, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while (left := _marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _prepare_process(args, marker, log_path):
+    env = {**os.environ, "DISTLM_TEST_MARK": marker, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "distlm", "prepare", *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def _progress(out):
+    try:
+        return json.loads((out / ".prepare" / "progress.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _kill_when(proc, out, ready, timeout=90.0):
+    """SIGKILL ``proc`` once its progress.json satisfies ``ready``; False if it finished first."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "prepare made no progress"
+        state = _progress(out)
+        if state is not None and ready(state):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_byte_identical(tmp_path):
+    """kill -9 while tokenizing: the workers go too, and the rerun finishes the same dataset."""
+    rng = np.random.default_rng(1)
+    words = np.array("the of and to in is it that was for on are with as his they at be this from".split())
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for _ in range(1500):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, int(rng.integers(50, 500))))}) + "\n")
+    out = tmp_path / "out"
+    opts = dict(seq_len=32, block_rows=64, shard_mb=0.02)
+    args = [str(tmp_path / "big.jsonl"), "--out", str(out), "--tokenizer", "byte", "--seq-len", "32",
+            "--block-rows", "64", "--shard-mb", "0.02", "--batch-mb", "0.02", "--workers", "2"]
+    marker, log_path = uuid.uuid4().hex, tmp_path / "log.txt"
+    killed = _kill_when(_prepare_process(args, marker, log_path), out,
+                        lambda s: 3 <= s["tokenize"]["batches"] and not s["tokenize"]["done"])
+    assert killed, "prepare finished before it could be killed"
+    assert not _wait_until_gone(marker), "workers outlived the killed prepare"
+    with pytest.raises(PrepareError, match=r"made with --val-fraction 0.01, not 0.5;.*--restart"):
+        prepare_corpus([tmp_path / "big.jsonl"], out, val_fraction=0.5, log=quiet, **opts)
+
+    final = _prepare_process(args, marker, log_path)
+    assert final.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    assert re.search(r"resuming: \d+ batches .* already tokenized", log_path.read_text())
+    assert not _wait_until_gone(marker) and not (out / ".prepare").exists()
+    prepare_corpus([tmp_path / "big.jsonl"], tmp_path / "ref", workers=1, log=quiet, **opts)
+    assert manifest_without_time(out) == manifest_without_time(tmp_path / "ref")
+
+
+def test_worker_error_names_file_and_line_and_stops_the_workers(tmp_path):
+    good = _jsonl([{"text": "fine text " * 20}] * 300)
+    (tmp_path / "a.jsonl").write_bytes(good)
+    (tmp_path / "b.jsonl").write_bytes(b"".join(good.splitlines(keepends=True)[:4]) + b'{"text": "cut\n' + good)
+    marker = uuid.uuid4().hex
+    result = subprocess.run([sys.executable, "-m", "distlm", "prepare", str(tmp_path), "--out", str(tmp_path / "o"),
+                             "--seq-len", "8", "--batch-mb", "0.02", "--workers", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "DISTLM_TEST_MARK": marker})
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert re.search(r"distlm: data error: .*b\.jsonl:5: invalid JSON .*fix or remove the line", result.stderr)
+    assert "Traceback" not in result.stderr
+    assert not _wait_until_gone(marker, timeout=5)
