@@ -27,15 +27,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from distlm.checkpoint.errors import CheckpointError
 from distlm.fsutil import atomic_write_text
 from distlm.parallel.distributed import DistContext, barrier
 
 MARKER = "distlm.json"
 TAG_RE = re.compile(r"^step-(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that was asked for, or that must exist, cannot be used."""
 
 
 @dataclass

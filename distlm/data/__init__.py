@@ -1,26 +1,38 @@
-"""Data: tokenizers, the shard format, ``prepare`` (text -> shards) and the training stream.
+"""Data: tokenizers, the shard format, ``prepare`` (text -> shards), remote shards and the training stream.
 
-Import the submodules directly for the full API; the common names are re-exported here.
+Import the submodules directly for the full API; the common names are re-exported here, loaded
+on first use: ``prepare`` and its worker processes never import torch, which takes seconds.
 """
 
-from .prepare import DEFAULT_VAL_FRACTION, PrepareError, prepare_corpus
-from .shards import Manifest, ShardError, ShardInfo, SplitInfo, load_manifest
-from .stream import TokenStream, make_loader
-from .tokenizers import ByteTokenizer, CharTokenizer, load_tokenizer, tokenizer_from_dict
+from importlib import import_module
 
-__all__ = [
-    "ByteTokenizer",
-    "CharTokenizer",
-    "DEFAULT_VAL_FRACTION",
-    "Manifest",
-    "PrepareError",
-    "ShardError",
-    "ShardInfo",
-    "SplitInfo",
-    "TokenStream",
-    "load_manifest",
-    "load_tokenizer",
-    "make_loader",
-    "prepare_corpus",
-    "tokenizer_from_dict",
-]
+_EXPORTS = {
+    "BlendSchedule": "blend",
+    "ByteTokenizer": "tokenizers",
+    "CharTokenizer": "tokenizers",
+    "DEFAULT_VAL_FRACTION": "prepare",
+    "ERROR_KINDS": "shards",
+    "HFTokenizer": "tokenizers",
+    "Manifest": "shards",
+    "MicroBatch": "stream",
+    "PrepareError": "prepare",
+    "SentencePieceTokenizer": "tokenizers",
+    "ShardError": "shards",
+    "ShardInfo": "shards",
+    "Source": "stream",
+    "SplitInfo": "shards",
+    "TokenStream": "stream",
+    "load_manifest": "shards",
+    "load_tokenizer": "tokenizers",
+    "make_loader": "stream",
+    "prepare_corpus": "prepare",
+    "tokenizer_from_dict": "tokenizers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
-import webdataset as wds
 import zstandard as zstd
 
 from distlm.fsutil import atomic_write_bytes, fsync_dir
@@ -360,6 +359,10 @@ class ShardWriter:
         self._file = open(self._tmp, "wb")
         self._hashing = _HashingFile(self._file)
         # mtime=0 makes shards byte-for-byte reproducible, so their sha256 is too.
+        # Imported here: webdataset pulls in torch (seconds), which prepare's workers and the
+        # readers never need.
+        import webdataset as wds
+
         self._tar = wds.TarWriter(self._hashing, encoder=False, mtime=0, compress=False)
         self._tar_bytes = 0
         self._closed = False
