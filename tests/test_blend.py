@@ -173,3 +173,65 @@ def test_sources_must_agree_on_the_tokenizer(two, tmp_path):
         TokenStream([two[0], Source(str(other))], micro_batch_size=2)
     with pytest.raises(ValueError, match="distinct names"):
         TokenStream([two[0], Source(two[0].path)], micro_batch_size=2)
+
+
+def test_reordering_sources_keeps_each_sources_order(two):
+    ab = TokenStream(two, micro_batch_size=4, seed=8)
+    ba = TokenStream(two[::-1], micro_batch_size=4, seed=8)
+    np.testing.assert_array_equal(ab.orders[0].row_order(0), ba.orders[1].row_order(0))
+    np.testing.assert_array_equal(ab.orders[1].row_order(1), ba.orders[0].row_order(1))
+
+
+def _cfg(sources=None, path=None):
+    from distlm.config import load_config
+
+    if path is not None:
+        return load_config(None, [f"data.path={path}"])
+    items = ", ".join(f"{{path: {s.path}, weight: {s.weight}, name: {s.label}}}" for s in sources)
+    return load_config(None, [f"data.sources=[{items}]"])
+
+
+def test_a_single_source_run_grown_into_a_blend_continues_its_rows(two):
+    """data.path=A for 200 rows, then data.sources=[A, B]: A goes on where it stopped, with the
+    shuffle it had, so no row of A is read twice or skipped."""
+    from distlm.config import data_sources
+    from distlm.train.data import data_state, resume_plan
+
+    alone = TokenStream(two[0].path, micro_batch_size=10, seed=3)
+    read_before = _rows(alone, 20)
+    saved = data_state(alone, 200)
+    cfg = _cfg([two[0], two[1]])
+    plan = resume_plan(cfg, saved, 200, log=lambda _m: None)
+    assert plan.blend_base == (200, [200, 0]) and plan.seed_keys == {two[0].label: [3]}
+    blend = TokenStream(data_sources(cfg.data), micro_batch_size=10, seed=3, start_row=200,
+                        blend_base=plan.blend_base, seed_keys=plan.seed_keys)
+    after = _rows(blend, 30)
+    from_a = np.concatenate([read_before, after[~_from_b(after)]])
+    natural = _natural(two[0].path)
+    order = alone.orders[0]
+    expected = natural[np.concatenate([order.row_order(e) for e in range(3)])][: len(from_a)]
+    np.testing.assert_array_equal(from_a, expected)
+
+
+def test_a_checkpoint_without_loader_state_cannot_become_a_blend(two):
+    from distlm.config import ConfigError
+    from distlm.train.data import resume_plan
+
+    assert resume_plan(_cfg(path=two[0].path), {}, 200, log=print).blend_base is None
+    with pytest.raises(ConfigError, match="predates data.sources"):
+        resume_plan(_cfg([two[0], two[1]]), {}, 200, log=print)
+
+
+def test_skipped_rows_carry_no_weight_in_the_step():
+    import torch
+
+    from distlm.data.stream import MicroBatch
+    from distlm.train.step import _valid_token_weights
+
+    x = torch.zeros(4, 8, dtype=torch.int64)
+    clean = MicroBatch(x, x, None)
+    assert _valid_token_weights([clean, clean]) == [1.0, 1.0]
+    half = MicroBatch(x, x, {"rows_skipped": 2})
+    full = MicroBatch(x, x, {"rows_skipped": 4})
+    # 4 + 2 + 0 valid rows over 3 micro-batches: the step's loss is the mean over those 6 rows.
+    assert _valid_token_weights([clean, half, full]) == [2.0, 1.0, 0.0]

@@ -67,9 +67,20 @@ def _read_epoch(path, m=7, **kw):
         x, y = batch.inputs.numpy(), batch.targets.numpy()
         rows.append(np.concatenate([x, y[:, -1:]], axis=1))
         masked.append((y == IGNORE_INDEX).all(axis=1))
-        for k, n in (batch.errors or {}).items():
-            errors[k] = errors.get(k, 0) + n
+        errors = _merge(errors, batch.errors)
     return np.concatenate(rows)[:R], np.concatenate(masked)[:R], errors
+
+
+def _merge(totals, errors):
+    """Events (kind, url, block, epoch) by kind, once each, and the rows skipped."""
+    totals.setdefault("rows_skipped", 0)
+    totals.setdefault("seen", set())
+    for event in (errors or {}).get("events", []):
+        if tuple(event) not in totals["seen"]:
+            totals["seen"].add(tuple(event))
+            totals[event[0]] = totals.get(event[0], 0) + 1
+    totals["rows_skipped"] += (errors or {}).get("rows_skipped", 0)
+    return totals
 
 
 FAULTS = [
@@ -107,7 +118,7 @@ def test_skip_masks_exactly_the_damaged_rows_and_counts_the_kind(clean, tmp_path
         np.testing.assert_array_equal(lost, np.arange(starts[0], starts[-1]))
     # Every row that is not masked is the clean dataset's row at that position.
     np.testing.assert_array_equal(rows[~masked], natural[~masked])
-    assert errors.get(kind, 0) >= 1 and set(errors) <= {kind, "rows_skipped"}
+    assert errors.get(kind, 0) == 1 and set(errors) == {kind, "rows_skipped", "seen"}
     assert errors["rows_skipped"] == masked.sum()
     shard_name = load_manifest(path).split("train").shards[VICTIM].path
     assert len(logged) == 1 and shard_name in logged[0] and kind in logged[0]
@@ -127,7 +138,7 @@ def test_past_the_error_rate_the_run_stops_with_the_counts(clean, tmp_path):
     path = _damaged(clean, tmp_path, faults.remove)
     stream = TokenStream(path, micro_batch_size=7, shuffle=False, on_error="skip", max_error_rate=0.01,
                          log=lambda _m: None)
-    with pytest.raises(ShardError, match=r"more than data.max_error_rate=1.00% \(missing x1\).*distlm data verify"):
+    with pytest.raises(ShardError, match=r"rows read are damaged .*more than data.max_error_rate=1.00% \(missing x1\)"):
         list(itertools.islice(iter(stream), stream.rows_per_epoch // 7 + 1))
 
 
@@ -142,14 +153,28 @@ def test_counts_reach_the_training_process_through_loader_workers(clean, tmp_pat
     workers = list(itertools.islice(loader, n))
     del loader
 
-    def total(batches, key):
-        return sum((b.errors or {}).get(key, 0) for b in batches)
+    def totals(batches):
+        merged = {}
+        for b in batches:
+            merged = _merge(merged, b.errors)
+        return merged
 
-    assert total(direct, "corrupt_frame") >= 1
-    # Two workers each meet the bad block once (each reads every window); the masked rows are the same.
-    assert total(workers, "rows_skipped") == total(direct, "rows_skipped") > 0
+    # Each of the two workers meets the bad block (each reads every window); counted once.
+    assert totals(direct)["corrupt_frame"] == totals(workers)["corrupt_frame"] == 1
+    assert totals(workers)["rows_skipped"] == totals(direct)["rows_skipped"] > 0
     for a, b in zip(direct, workers):
         assert torch.equal(a.targets, b.targets) and torch.equal(a.inputs, b.inputs)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_a_fault_in_a_loader_worker_reaches_the_training_process_whole(clean, tmp_path):
+    path = _damaged(clean, tmp_path, faults.cut_mid_member, member=MEMBER)
+    stream = TokenStream(path, micro_batch_size=7, shuffle=False)
+    loader = make_loader(stream, 1)
+    with pytest.raises(ShardError, match="data.on_error=fail") as info:
+        list(itertools.islice(loader, stream.rows_per_epoch // 7 + 1))
+    del loader
+    assert info.value.kind == "truncated" and info.value.url.endswith(".tar") and info.value.block == MEMBER
 
 
 def test_a_fully_masked_micro_batch_has_zero_loss_not_nan():

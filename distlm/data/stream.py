@@ -31,8 +31,8 @@ counted, each damaged shard logged once, and past ``max_error_rate`` of the rows
 
 from __future__ import annotations
 
+import hashlib
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
@@ -103,6 +103,17 @@ def as_sources(data: DataSpec) -> list[Source]:
     return sources
 
 
+def default_seed_key(seed: int, source: Source, n_sources: int) -> list[int]:
+    """Entropy for one source's shuffles. A lone source uses the seed alone; in a blend each
+    source's key comes from its label, not its place in the list, so reordering or adding
+    sources leaves every source's order as it was. A resumed run takes the keys saved in its
+    checkpoint (``seed_keys``), so a source keeps its order when a blend grows around it."""
+    if n_sources == 1:
+        return [seed]
+    label_hash = int.from_bytes(hashlib.sha256(source.label.encode("utf-8")).digest()[:4], "little")
+    return [seed, _SOURCE_TAG, label_hash]
+
+
 @dataclass
 class _EpochLayout:
     """Where the rows of one epoch come from, before the within-window permutation."""
@@ -130,7 +141,7 @@ class SourceOrder:
         """Where each shard is read from. ``require_files``: refuse missing local shards now
         (with on_error=skip they are found, counted and skipped when their turn comes)."""
         shards = self.split.shards
-        if source.shards is None:
+        if source.shards is None or split != "train":  # the pattern lists the train shards only
             urls = [self.manifest.shard_url(s) for s in shards]
             for url in urls if require_files else []:
                 if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(url):
@@ -213,6 +224,8 @@ class TokenStream(IterableDataset):
         max_error_rate: float = 0.01,
         allow_pipe: bool = False,
         blend_base: Optional[tuple[int, Sequence[int]]] = None,
+        seed_keys: Optional[dict[str, list[int]]] = None,
+        contiguous: bool = False,
         log: Optional[Callable[[str], None]] = None,
     ):
         super().__init__()
@@ -231,11 +244,11 @@ class TokenStream(IterableDataset):
         if not 0 <= max_error_rate < 1:
             raise ValueError(f"max_error_rate must be in [0, 1), got {max_error_rate}")
         self.sources = as_sources(data)
-        # One source keeps the seeds of a plain dataset; in a blend each source gets its own.
-        keys = [[seed]] if len(self.sources) == 1 else [[seed, _SOURCE_TAG, i] for i in range(len(self.sources))]
+        self.seed_keys = [(seed_keys or {}).get(src.label) or default_seed_key(seed, src, len(self.sources))
+                          for src in self.sources]
         self.orders = [SourceOrder(src, split, seed_key=key, shuffle=shuffle, shuffle_blocks=shuffle_blocks,
                                    allow_pipe=allow_pipe, require_files=on_error == "fail")
-                       for src, key in zip(self.sources, keys)]
+                       for src, key in zip(self.sources, self.seed_keys)]
         first = self.orders[0].manifest
         for order in self.orders[1:]:
             m = order.manifest
@@ -257,6 +270,7 @@ class TokenStream(IterableDataset):
         self.start_row = start_row
         self.seq_len = seq_len
         self.on_error, self.max_error_rate, self.allow_pipe = on_error, max_error_rate, allow_pipe
+        self.contiguous = contiguous
         self.log = log
         base_row, base_counts = blend_base if blend_base is not None else (0, None)
         if start_row < base_row:
@@ -299,17 +313,20 @@ class TokenStream(IterableDataset):
 
     def __iter__(self) -> Iterator[MicroBatch]:
         info = get_worker_info()
-        return self.worker_batches(*((info.id, info.num_workers) if info is not None else (0, 1)))
+        if info is None:
+            return self.worker_batches(0, 1)
+        return _hand_over_errors(self.worker_batches(info.id, info.num_workers))
 
     def worker_batches(self, worker: int, n_workers: int) -> Iterator[MicroBatch]:
         """The micro-batches loader worker ``worker`` of ``n_workers`` produces: ``k = worker,
         worker + n_workers, ...`` of this rank. DataLoader takes them from its workers in turn."""
         if not 0 <= worker < n_workers:
             raise ValueError(f"need 0 <= worker < n_workers, got worker={worker}, n_workers={n_workers}")
-        log = self.log or _stderr_log(self.dp_rank, worker)
+        log = self.log or (lambda _message: None)
+        readers = self.dp_size * n_workers
         cursors = [
-            _Cursor(order, _ErrorPolicy(self.on_error, self.max_error_rate, order.rows, order.source.label, log),
-                    allow_pipe=self.allow_pipe)
+            _Cursor(order, _ErrorPolicy(self.on_error, self.max_error_rate, -(-order.rows // readers),
+                                        order.source.label, log), allow_pipe=self.allow_pipe)
             for order in self.orders
         ]
         m = self.micro_batch_size
@@ -323,6 +340,7 @@ class TokenStream(IterableDataset):
                 offset = int(self.schedule.base_counts[0]) - base
                 while True:
                     rows, bad = cursor.take(first + offset, m)
+                    cursor.policy.account(m, bad)
                     yield self._batch(rows, bad, cursors)
                     first += step
             while True:
@@ -341,6 +359,7 @@ class TokenStream(IterableDataset):
         for s in np.unique(source).tolist():
             here = source == s
             rows, bad_here = cursors[s].gather(row[here])
+            cursors[s].policy.account(len(rows), bad_here)
             out[here] = rows[:, : self.seq_len + 1]
             if bad_here is not None:
                 bad = np.zeros(m, dtype=bool) if bad is None else bad
@@ -349,21 +368,28 @@ class TokenStream(IterableDataset):
 
     def _batch(self, rows: np.ndarray, bad: Optional[np.ndarray], cursors: list["_Cursor"]) -> MicroBatch:
         L = self.seq_len
-        # One int64 copy; inputs and targets are views of it, shifted by one token (sliced in
-        # numpy: a torch slice costs several times more per call).
-        tokens = rows.astype(np.int64)
-        x, y = torch.from_numpy(tokens[:, :L]), torch.from_numpy(tokens[:, 1:L + 1])
+        if self.contiguous:
+            # For pinned memory and asynchronous copies to a GPU: two contiguous tensors.
+            x, y = torch.from_numpy(rows[:, :L].astype(np.int64)), torch.from_numpy(rows[:, 1:L + 1].astype(np.int64))
+        else:
+            # One int64 copy; inputs and targets are views of it, shifted by one token (sliced
+            # in numpy: a torch slice costs several times more per call).
+            tokens = rows.astype(np.int64)
+            x, y = torch.from_numpy(tokens[:, :L]), torch.from_numpy(tokens[:, 1:L + 1])
         errors = None
         for cursor in cursors:
-            if cursor.policy.new:
-                errors = cursor.policy.drain(errors)
+            if cursor.policy.events:
+                errors = errors or {"events": []}
+                errors["events"] += cursor.policy.events
+                cursor.policy.events = []
         if bad is not None and bad.any():
-            y = y.clone()  # inputs and targets overlap in `tokens`: mask them apart
+            if not self.contiguous:
+                y = y.clone()  # inputs and targets overlap in `tokens`: mask them apart
             mask = torch.from_numpy(bad)
             y[mask] = IGNORE_INDEX
             x[mask] = 0
             errors = errors or {}
-            errors["rows_skipped"] = errors.get("rows_skipped", 0) + int(bad.sum())
+            errors["rows_skipped"] = int(bad.sum())
         return MicroBatch(x, y, errors)
 
     def __repr__(self) -> str:
@@ -376,65 +402,73 @@ class TokenStream(IterableDataset):
         )
 
 
-def _stderr_log(dp_rank: int, worker: int) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        print(f"[rank {dp_rank} loader {worker}] {message}", file=sys.stderr, flush=True)
+def _hand_over_errors(batches: Iterator[MicroBatch]) -> Iterator[MicroBatch]:
+    """In a loader worker: turn a ShardError into a last micro-batch that carries it.
 
-    return log
+    DataLoader re-raises a worker's exception from its message alone, losing the kind, URL and
+    block; :func:`make_loader` raises it again, whole, in the training process.
+    """
+    try:
+        yield from batches
+    except ShardError as error:
+        empty = torch.empty(0, dtype=torch.int64)
+        yield MicroBatch(empty, empty, {"fatal": {"message": str(error), "kind": error.kind, "url": error.url,
+                                                  "block": error.block}})
+
+
+def _raise_handed_over(batches: Iterator[MicroBatch]) -> Iterator[MicroBatch]:
+    for batch in batches:
+        if batch.errors and "fatal" in batch.errors:
+            fatal = batch.errors["fatal"]
+            raise ShardError(fatal["message"], kind=fatal["kind"], url=fatal["url"], block=fatal["block"])
+        yield batch
 
 
 class _ErrorPolicy:
-    """Counts damaged data met by one source's reader and decides whether to go on.
+    """What one source's reader does with damaged data, and when it gives up.
 
-    ``bad`` either raises (``fail``; or past ``max_error_rate``) or records: one event per kind
-    and shard (per block for block-local kinds), one log line per shard. The rate is bad rows
-    over rows looked at, and over at least one epoch's rows, so a single early bad block does
-    not stop a run that has read little yet.
+    ``bad`` raises under ``fail``; under ``skip`` it records an *event* ``(kind, url, block,
+    epoch)`` for the training process to count (which removes the duplicates that several
+    readers meeting the same block report) and logs the shard once when a ``log`` is given.
+    ``account`` tracks the rows this reader yields and how many were masked: past
+    ``max_error_rate`` of them, and of at least this reader's share of an epoch (so one early bad
+    block does not stop a run that has read little yet), the run stops.
     """
 
-    def __init__(self, on_error: str, max_error_rate: float, epoch_rows: int, label: str,
+    def __init__(self, on_error: str, max_error_rate: float, share_rows: int, label: str,
                  log: Callable[[str], None]):
-        self.on_error, self.max_error_rate, self.epoch_rows = on_error, max_error_rate, epoch_rows
+        self.on_error, self.max_error_rate, self.share_rows = on_error, max_error_rate, share_rows
         self.label, self.log = label, log
-        self.seen_rows = 0
-        self.bad_rows = 0
-        self.total: Counter = Counter()
-        self.new: Counter = Counter()
+        self.yielded = 0
+        self.masked = 0
+        self.kinds: Counter = Counter()
+        self.events: list[tuple] = []
         self.logged: set[str] = set()
 
-    def good(self, rows: int) -> None:
-        self.seen_rows += rows
+    def bad(self, error: ShardError, epoch: int) -> None:
+        if self.on_error == "fail":
+            raise ShardError(f"{error} [data.on_error=fail: the run stops; set data.on_error=skip to skip "
+                             f"damaged shards, up to data.max_error_rate of the rows]",
+                             kind=error.kind, url=error.url, block=error.block) from error
+        self.kinds[error.kind] += 1
+        self.events.append((error.kind, error.url, -1 if error.block is None else error.block, epoch))
+        if error.url not in self.logged:
+            self.logged.add(error.url)
+            self.log(f"data error ({error.kind}) in {error.url}: skipping its damaged rows: {error}")
 
-    def bad(self, error: Optional[ShardError], rows: int) -> None:
-        """``error`` None: more rows of a shard already found unreadable."""
-        if error is not None:
-            if self.on_error == "fail":
-                raise ShardError(f"{error} [data.on_error=fail: the run stops; set data.on_error=skip to skip "
-                                 f"damaged shards, up to data.max_error_rate of the rows]",
-                                 kind=error.kind, url=error.url, block=error.block) from error
-            self.total[error.kind] += 1
-            self.new[error.kind] += 1
-            if error.url not in self.logged:
-                self.logged.add(error.url)
-                self.log(f"data error ({error.kind}) in {error.url}: skipping its damaged rows: {error}")
-        self.seen_rows += rows
-        self.bad_rows += rows
-        rate = self.bad_rows / max(self.seen_rows, self.epoch_rows)
+    def account(self, rows: int, bad: Optional[np.ndarray]) -> None:
+        self.yielded += rows
+        if bad is None:
+            return
+        self.masked += int(bad.sum())
+        rate = self.masked / max(self.yielded, self.share_rows)
         if rate > self.max_error_rate:
-            kinds = ", ".join(f"{k} x{n}" for k, n in sorted(self.total.items()))
-            kind = error.kind if error is not None else next(iter(self.total), "missing")
+            kinds = ", ".join(f"{k} x{n}" for k, n in sorted(self.kinds.items()))
+            kind = next(iter(self.kinds), "missing")
             raise ShardError(
-                f"source {self.label}: {self.bad_rows:,} of {max(self.seen_rows, self.epoch_rows):,} rows are "
+                f"source {self.label}: {self.masked:,} of {max(self.yielded, self.share_rows):,} rows read are "
                 f"damaged ({rate:.2%}), more than data.max_error_rate={self.max_error_rate:.2%} ({kinds}); run "
-                f"`distlm data verify` on the dataset and re-copy or re-prepare the shards it names",
-                kind=kind, url=error.url if error is not None else "")
-
-    def drain(self, into: Optional[dict]) -> dict:
-        into = into if into is not None else {}
-        for kind, n in self.new.items():
-            into[kind] = into.get(kind, 0) + n
-        self.new.clear()
-        return into
+                f"`distlm data verify` on the dataset and re-copy or re-prepare the shards it names", kind=kind)
 
 
 class _Window:
@@ -447,7 +481,9 @@ class _Window:
     are kept in ``raw`` so a later request needs no second pass over the file.
     """
 
-    def __init__(self, blocks: np.ndarray, block_rows: list[int], perm: np.ndarray, lo: int, rows: np.ndarray):
+    def __init__(self, blocks: np.ndarray, block_rows: list[int], perm: np.ndarray, lo: int, rows: np.ndarray,
+                 epoch: int):
+        self.epoch = epoch
         self.blocks = [(int(s), int(b)) for s, b in blocks]
         self.members = set(self.blocks)
         self.starts = np.concatenate([[0], np.cumsum(block_rows)]).astype(np.int64)
@@ -481,7 +517,8 @@ class _Cursor:
         self.window: Optional[_Window] = None
         self._buffer: Optional[np.ndarray] = None
         self._readers: dict[int, ShardReader] = {}
-        self._broken: dict[int, int] = {}  # shard -> first block that cannot be read
+        self._broken: dict[int, tuple[int, ShardError]] = {}  # shard -> (first unreadable block, why)
+        self._reported: set[tuple[int, int]] = set()  # (shard, epoch) whose breakage was reported
 
     def layout(self, epoch: int) -> _EpochLayout:
         if epoch not in self._layouts:
@@ -540,7 +577,7 @@ class _Cursor:
             self._buffer = None  # freed before its successor is allocated
             self._buffer = np.empty((n, self.manifest.row_len), dtype=self.manifest.np_dtype)
         perm = self.order.window_perm(epoch, w, n)
-        window = _Window(blocks, rows, perm, epoch * self.R + w_first, self._buffer[:n])
+        window = _Window(blocks, rows, perm, epoch * self.R + w_first, self._buffer[:n], epoch)
         self.window = window
         spanned = {s for s, _ in window.blocks}
         for shard in [s for s in self._readers if s not in spanned]:
@@ -561,8 +598,12 @@ class _Cursor:
     def decode(self, window: _Window, bp: int) -> None:
         shard, block = window.blocks[bp]
         out = window.rows[window.starts[bp]:window.starts[bp + 1]]
-        if block >= self._broken.get(shard, len(self.order.split.shards[shard].block_rows)):
-            self._mark_bad(window, bp, None, len(out))
+        broken = self._broken.get(shard)
+        if broken is not None and block >= broken[0]:
+            # Known unreadable from here: no second read. Reported once per epoch, like a reader
+            # that met it first in this epoch would, so counts do not depend on the layout.
+            self._mark_bad(window, bp, broken[1] if (shard, window.epoch) not in self._reported else None)
+            self._reported.add((shard, window.epoch))
             return
         try:
             reader = self._reader(shard)
@@ -576,21 +617,22 @@ class _Cursor:
                 data = reader.raw(block, on_skip=keep)
             reader.decode_into(block, data, out)
         except ShardError as error:
-            if not error.block_local:
+            reader = self._readers.pop(shard, None)
+            if reader is not None:
+                reader.close()
+            # A network error may pass: only this block is lost, the next one tries again.
+            if not error.block_local and error.kind != "unreachable":
                 # The archive cannot be read past this point; earlier blocks were fine.
                 at = error.block if error.block is not None and error.block <= block else block
-                self._broken[shard] = at
-                reader = self._readers.pop(shard, None)
-                if reader is not None:
-                    reader.close()
-            self._mark_bad(window, bp, error, len(out))
-        else:
-            self.policy.good(len(out))
+                self._broken[shard] = (at, error)
+                self._reported.add((shard, window.epoch))
+            self._mark_bad(window, bp, error)
 
-    def _mark_bad(self, window: _Window, bp: int, error: Optional[ShardError], rows: int) -> None:
+    def _mark_bad(self, window: _Window, bp: int, error: Optional[ShardError]) -> None:
         window.bad[bp] = True
         window.any_bad = True
-        self.policy.bad(error, rows)
+        if error is not None:
+            self.policy.bad(error, window.epoch)
 
     def _reader(self, shard: int) -> ShardReader:
         reader = self._readers.get(shard)
@@ -633,4 +675,4 @@ def make_loader(
         generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
     )
-    return iter(loader)
+    return _raise_handed_over(iter(loader))

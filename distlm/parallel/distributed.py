@@ -112,6 +112,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order (a list of one in a world of one)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        out = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()

@@ -1,10 +1,11 @@
 """The training run's side of the data: which stream to read, where to resume it, what to record.
 
 The loader's state is tiny and saved in every checkpoint (``TrainState.data``): the global rows
-consumed, and per source its rows read, epoch and the blend's starting point. Resuming with the
-same sources and weights continues the same global sequence (at any data-parallel size).
-Changed weights restart the blend schedule at the resume point, each source continuing from its
-own counter, so no source repeats or skips rows.
+consumed, the blend's starting point, and per source its rows read, epoch and shuffle key.
+Resuming with the same sources and weights continues the same global sequence (at any
+data-parallel size). Changed weights, or sources added, removed or reordered, restart the blend
+schedule at the resume point; each source that was there before keeps its shuffle key and
+continues from its own counter (matched by name, else by path), so it repeats and skips no row.
 """
 
 from __future__ import annotations
@@ -15,38 +16,63 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from distlm.config import BatchLayout, Config, data_sources
-from distlm.data.shards import ERROR_KINDS
-from distlm.data.stream import TokenStream
-from distlm.parallel.distributed import all_reduce_sum
+from distlm.config import BatchLayout, Config, ConfigError, data_sources
+from distlm.data.stream import Source, TokenStream
+from distlm.parallel.distributed import all_gather_objects, all_reduce_sum
 
-__all__ = ["DataCounters", "DataDigest", "data_state", "train_stream", "val_stream"]
+__all__ = ["DataCounters", "DataDigest", "ResumePlan", "data_state", "resume_plan", "train_stream", "val_stream"]
 
 
-def _blend_base(cfg: Config, saved: dict, rows_consumed: int, log: Callable[[str], None]):
-    """Where the blend schedule starts: the saved start if the sources are unchanged."""
+class ResumePlan:
+    """Where the blend starts (None: at row 0) and each known source's shuffle key, by label."""
+
+    def __init__(self, blend_base: Optional[tuple[int, list[int]]] = None,
+                 seed_keys: Optional[dict[str, list[int]]] = None):
+        self.blend_base = blend_base
+        self.seed_keys = seed_keys or {}
+
+
+def _saved_source(saved: list[dict], src: Source) -> Optional[dict]:
+    by_name = [s for s in saved if s["name"] == src.label]
+    by_path = [s for s in saved if s["path"] == str(src.path)]
+    return (by_name or by_path or [None])[0]
+
+
+def resume_plan(cfg: Config, saved: dict, rows_consumed: int, log: Callable[[str], None]) -> ResumePlan:
+    """How to continue the data from a checkpoint's loader state ``saved`` (see the module docstring)."""
     sources = data_sources(cfg.data)
-    if not saved or rows_consumed == 0:
-        return None
-    now = [[s.label, s.weight] for s in sources]
-    was = [[s["name"], s["weight"]] for s in saved.get("sources", [])]
-    blend = saved.get("blend", {})
-    if now == was:
-        return (blend.get("base_row", 0), blend.get("base_counts") or None) if blend.get("base_row") else None
-    rows_read = {s["name"]: s["rows"] for s in saved.get("sources", [])}
-    counts = [rows_read.get(s.label, 0) for s in sources]
-    log(f"data sources or weights changed since the checkpoint ({was} -> {now}): the blend restarts at row "
-        f"{rows_consumed:,}, each source continuing from its own counter {dict(zip([s.label for s in sources], counts))}")
-    return rows_consumed, counts
+    if rows_consumed == 0:
+        return ResumePlan()
+    if not saved:
+        # Checkpoints from before blending read one dataset with the plain seed.
+        if len(sources) > 1:
+            raise ConfigError("this checkpoint predates data.sources and records no per-source position; resume "
+                              "it with its data.path, let it save a checkpoint, then switch to data.sources")
+        return ResumePlan()
+    was = saved.get("sources", [])
+    matched = [_saved_source(was, src) for src in sources]
+    keys = {src.label: m["seed_key"] for src, m in zip(sources, matched) if m is not None and "seed_key" in m}
+    now_sig = [[src.label, src.weight] for src in sources]
+    was_sig = [[s["name"], s["weight"]] for s in was]
+    if now_sig == was_sig:
+        blend = saved.get("blend", {})
+        base = (blend["base_row"], blend["base_counts"]) if blend.get("base_row") else None
+        return ResumePlan(base, keys)
+    counts = [m["rows"] if m is not None else 0 for m in matched]
+    log(f"data sources or weights changed since the checkpoint ({was_sig} -> {now_sig}): the blend restarts at "
+        f"row {rows_consumed:,}, each source continuing from its own counter "
+        f"{dict(zip([s.label for s in sources], counts))}")
+    return ResumePlan((rows_consumed, counts), keys)
 
 
-def train_stream(cfg: Config, layout: BatchLayout, rank: int, rows_consumed: int, saved: dict,
-                 log: Callable[[str], None]) -> TokenStream:
+def train_stream(cfg: Config, layout: BatchLayout, rank: int, rows_consumed: int, plan: ResumePlan,
+                 contiguous: bool = False) -> TokenStream:
     d = cfg.data
     return TokenStream(data_sources(d), "train", micro_batch_size=layout.micro_batch_size, dp_rank=rank,
                        dp_size=layout.dp, seed=d.seed, shuffle_blocks=d.shuffle_blocks, start_row=rows_consumed,
                        seq_len=cfg.train.seq_len, on_error=d.on_error, max_error_rate=d.max_error_rate,
-                       allow_pipe=d.allow_pipe, blend_base=_blend_base(cfg, saved, rows_consumed, log))
+                       allow_pipe=d.allow_pipe, blend_base=plan.blend_base, seed_keys=plan.seed_keys,
+                       contiguous=contiguous)
 
 
 def val_stream(cfg: Config, layout: BatchLayout, rank: int, split: str = "val") -> TokenStream:
@@ -57,37 +83,58 @@ def val_stream(cfg: Config, layout: BatchLayout, rank: int, split: str = "val") 
                        on_error=d.on_error, max_error_rate=d.max_error_rate, allow_pipe=d.allow_pipe)
 
 
-def data_state(stream: TokenStream, rows_consumed: int) -> dict:
-    """The loader's position, for the checkpoint and the metrics."""
+def data_state(stream: TokenStream, rows_consumed: int, errors: Optional[dict] = None) -> dict:
+    """The loader's position (and the damaged-data counts so far), for the checkpoint and the metrics."""
     rows = stream.source_rows(rows_consumed)
     return {
         "rows_consumed": rows_consumed,
         "blend": {"base_row": stream.schedule.base_row, "base_counts": [int(c) for c in stream.schedule.base_counts]},
         "sources": [
             {"name": src.label, "path": str(src.path), "weight": src.weight, "rows": n,
-             "tokens": n * stream.seq_len, "epoch": n // order.rows}
-            for src, order, n in zip(stream.sources, stream.orders, rows)
+             "tokens": n * stream.seq_len, "epoch": n // order.rows, "seed_key": [int(k) for k in key]}
+            for src, order, n, key in zip(stream.sources, stream.orders, rows, stream.seed_keys)
         ],
+        "errors": dict(errors or {}),
     }
 
 
 class DataCounters:
-    """Damaged-data events met by this rank's loader over the run, by kind, plus rows skipped."""
+    """Damaged data met by all ranks' loaders over the run: events by kind, and rows skipped.
 
-    KEYS = (*ERROR_KINDS, "rows_skipped")
+    Several readers (ranks, loader workers) can meet the same damaged block; each reports an
+    event ``(kind, url, block, epoch)`` and the events are gathered and counted once each, so
+    the counts do not depend on the layout. Rank 0 logs each damaged shard once.
+    """
 
-    def __init__(self) -> None:
-        self.total: Counter = Counter()
+    def __init__(self, saved: Optional[dict] = None, log: Callable[[str], None] = print) -> None:
+        self.totals: Counter = Counter(saved or {})
+        self.seen: set[tuple] = set()
+        self.new: set[tuple] = set()
+        self.rows_skipped = 0
+        self.logged: set[str] = set()
+        self.log = log
 
     def add(self, errors: Optional[dict]) -> None:
         if errors:
-            self.total.update(errors)
+            self.new.update(tuple(e) for e in errors.get("events", ()) if tuple(e) not in self.seen)
+            self.rows_skipped += errors.get("rows_skipped", 0)
 
     def global_totals(self, device: torch.device) -> dict:
-        """Summed over all ranks (a collective: every rank calls it); only the non-zero kinds."""
-        local = torch.tensor([float(self.total.get(k, 0)) for k in self.KEYS], dtype=torch.float64, device=device)
-        summed = all_reduce_sum(local)
-        return {k: int(round(v)) for k, v in zip(self.KEYS, summed.tolist()) if v}
+        """Totals over all ranks so far (a collective: every rank calls it); only the non-zero kinds."""
+        skipped = int(all_reduce_sum(torch.tensor([self.rows_skipped], dtype=torch.int64, device=device)).item())
+        self.rows_skipped = 0
+        for events in all_gather_objects(sorted(self.new)):
+            for event in map(tuple, events):
+                if event not in self.seen:
+                    self.seen.add(event)
+                    self.totals[event[0]] += 1
+                    if event[1] not in self.logged:
+                        self.logged.add(event[1])
+                        self.log(f"data error ({event[0]}) in {event[1]}: its damaged rows are skipped "
+                                 f"(data.on_error=skip); `distlm data verify` names every damaged shard")
+        self.new.clear()
+        self.totals["rows_skipped"] += skipped
+        return {k: v for k, v in sorted(self.totals.items()) if v}
 
 
 class DataDigest:
@@ -97,7 +144,8 @@ class DataDigest:
     weights, modulo a prime); the interval's digest is the sum over its rows. It does not depend
     on how rows are split over ranks, micro-batches or workers, so two runs, or a run and its
     resumption on another number of processes, read the same rows exactly when their digests
-    agree step by step. Costs one integer multiply-add per token.
+    agree step by step. An interval also starts at each checkpoint, where a resumed run starts.
+    Costs one integer multiply-add per token.
     """
 
     MODULUS = (1 << 31) - 1
@@ -110,6 +158,9 @@ class DataDigest:
     def add(self, targets: torch.Tensor) -> None:
         rows = (targets.to("cpu", torch.int64) + 101) * self.weights  # +101: masked rows (-100) count too
         self.value = (self.value + int((rows.sum(dim=1) % self.MODULUS).sum())) % self.MODULUS
+
+    def restart(self) -> None:
+        self.value = 0
 
     def global_value(self, device: torch.device) -> int:
         """Summed over all ranks (a collective: every rank calls it); then starts a new interval."""

@@ -7,24 +7,36 @@ same weights give the same validation loss whatever the process count or accumul
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from distlm.config import BatchLayout, Config
-from distlm.parallel.distributed import DistContext, all_reduce_mean
-from distlm.train.data import val_stream
+from distlm.parallel.distributed import DistContext, all_reduce_sum
+from distlm.train.data import DataCounters, val_stream
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: Config, layout: BatchLayout, ctx: DistContext, split: str = "val") -> tuple[float, int]:
-    """Return (mean validation loss, global batches). Always the same rows, in file order."""
+def evaluate(engine, cfg: Config, layout: BatchLayout, ctx: DistContext, split: str = "val",
+             data_errors: Optional[DataCounters] = None) -> tuple[float, int]:
+    """Return (mean validation loss, global batches). Always the same rows, in file order.
+
+    The mean is over the rows read, all ranks together; rows skipped as damaged (with
+    data.on_error=skip) count for nothing, and are reported to ``data_errors``.
+    """
     stream = val_stream(cfg, layout, ctx.rank, split)
     micro_batches = cfg.train.eval_iters * layout.grad_accum
     engine.eval()
-    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    # [sum of per-row losses, rows]: a micro-batch's mean loss times its valid rows.
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     batches = iter(stream)
     for _ in range(micro_batches):
-        tokens, targets, _ = next(batches)
-        # Every micro-batch has the same number of tokens, so the mean of means is the mean.
-        total += engine(tokens.to(ctx.device), targets.to(ctx.device)).double()
+        tokens, targets, errors = next(batches)
+        if data_errors is not None:
+            data_errors.add(errors)
+        rows = len(targets) - (errors or {}).get("rows_skipped", 0)
+        loss = engine(tokens.to(ctx.device), targets.to(ctx.device)).double()
+        total += torch.stack([loss * rows, torch.tensor(float(rows), dtype=torch.float64, device=ctx.device)])
     engine.train()
-    return all_reduce_mean(total / micro_batches).item(), cfg.train.eval_iters
+    loss_sum, rows = all_reduce_sum(total).tolist()
+    return loss_sum / max(rows, 1.0), cfg.train.eval_iters

@@ -22,7 +22,7 @@ from distlm.metrics.mfu import device_peak_flops, mfu
 from distlm.model import Transformer, flops_per_token, matmul_params, parameter_groups
 from distlm.parallel.distributed import all_reduce_mean, init_distributed
 from distlm.train.engine import build_engine, distlm_clips, set_learning_rate
-from distlm.train.data import DataCounters, DataDigest, data_state, train_stream
+from distlm.train.data import DataCounters, DataDigest, data_state, resume_plan, train_stream
 from distlm.train.evaluate import evaluate
 from distlm.train.resources import memory_bytes
 from distlm.train.schedule import learning_rate
@@ -107,8 +107,10 @@ def train(cfg: Config) -> dict:
              f"{layout.grad_accum} = {layout.global_batch} sequences of {cfg.train.seq_len} | "
              f"ZeRO {cfg.parallel.zero_stage} | {cfg.train.precision} on {ctx.device.type}")
 
-    stream = train_stream(cfg, layout, ctx.rank, state.rows_consumed, state.data, log.info)
-    data_errors = DataCounters()
+    stream = train_stream(cfg, layout, ctx.rank, state.rows_consumed,
+                          resume_plan(cfg, state.data, state.rows_consumed, log.info),
+                          contiguous=ctx.device.type == "cuda")
+    data_errors = DataCounters(state.data.get("errors"), log.info)
     digest = DataDigest(cfg.train.seq_len)
     clip_here = distlm_clips(cfg)
     batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=ctx.device.type == "cuda"))
@@ -163,9 +165,11 @@ def train(cfg: Config) -> dict:
             interval = _Interval()
         if saving_now:  # before evaluating: a failing evaluation must not cost the checkpoint
             state.elapsed_s = time.perf_counter() - started
+            state.data = data_state(stream, state.rows_consumed, data_errors.global_totals(ctx.device))
             checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), ctx, cfg.checkpoint.keep_last, log.info)
+            digest.restart()  # a run resumed from here starts its first interval here too
         if evaluating_now:
-            val_loss, n = evaluate(engine, cfg, layout, ctx)
+            val_loss, n = evaluate(engine, cfg, layout, ctx, data_errors=data_errors)
             log.eval({"step": state.step, "val_loss": val_loss, "val_batches": n,
                       "elapsed_s": time.perf_counter() - started})
             last["val_loss"] = val_loss
