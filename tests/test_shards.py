@@ -366,3 +366,20 @@ def test_manifest_refuses_shard_paths_outside_the_dataset(tmp_path):
         (tmp_path / "manifest.json").write_text(json.dumps(d))
         with pytest.raises(ValueError, match="not a plain relative file name"):
             load_manifest(tmp_path)
+
+
+def test_manifest_lists_tokens_per_shard_and_refuses_a_wrong_count(tmp_path):
+    from distlm.data.prepare import prepare_corpus
+
+    (tmp_path / "t.txt").write_text("tokens per shard " * 300)
+    out = tmp_path / "d"
+    prepare_corpus([str(tmp_path / "t.txt")], str(out), seq_len=16, val_fraction=0, block_rows=4, shard_mb=0.002,
+                   log=lambda _m: None)
+    manifest = load_manifest(out)
+    shards = manifest.split("train").shards
+    assert len(shards) > 1 and all(s.tokens == s.rows * manifest.row_len for s in shards)
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["splits"]["train"]["shards"][1]["tokens"] += 1
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"shard #1: tokens=\d+ is not rows x row_len"):
+        load_manifest(out)

@@ -15,7 +15,8 @@ refuse a damaged header before allocating memory for it.
 
 The manifest records, per split, ``rows`` (rows of ``row_len = seq_len + 1`` ids), ``tokens``
 (ids of the split's stream), ``dropped_tokens`` (the tail too short for another row) and each
-shard's ``path``, ``rows``, ``block_rows`` (rows per member, in order), ``bytes`` and ``sha256``.
+shard's ``path``, ``rows``, ``tokens`` (ids stored: rows x row_len), ``block_rows`` (rows per
+member, in order), ``bytes`` and ``sha256``.
 Readers use the row counts to find a position without opening the shards before it.
 
 Files are written atomically (``*.tmp``, fsync, rename) so a crash leaves either the old file
@@ -332,15 +333,21 @@ class ShardInfo(_KeyAccess):
     block_rows: list[int]
     bytes: int
     sha256: str
+    tokens: Optional[int] = None
+    """Token ids stored, ``rows x row_len``; None in manifests that predate the field."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "path": self.path,
             "rows": self.rows,
+            "tokens": self.tokens,
             "block_rows": list(self.block_rows),
             "bytes": self.bytes,
             "sha256": self.sha256,
         }
+        if self.tokens is None:
+            del out["tokens"]
+        return out
 
 
 class ShardWriter:
@@ -406,6 +413,7 @@ class ShardWriter:
             block_rows=list(self.block_rows),
             bytes=self._hashing.bytes,
             sha256=self._hashing.sha256.hexdigest(),
+            tokens=self.rows * self.row_len,
         )
 
     def abort(self) -> None:
@@ -1049,6 +1057,7 @@ def _parse_manifest(raw: Any, location: str, where: str, redo: str) -> Manifest:
                 block_rows=[int(r) for r in _need(sh, "block_rows", shwhere, redo)],
                 bytes=int(_need(sh, "bytes", shwhere, redo)),
                 sha256=str(_need(sh, "sha256", shwhere, redo)),
+                tokens=int(sh["tokens"]) if isinstance(sh, dict) and sh.get("tokens") is not None else None,
             )
             if not _SHARD_PATH_RE.match(info.path):
                 raise ValueError(f"{shwhere}: path {info.path!r} is not a plain relative file name inside the "
@@ -1057,6 +1066,9 @@ def _parse_manifest(raw: Any, location: str, where: str, redo: str) -> Manifest:
                 raise ValueError(f"{shwhere}: block_rows sum to {sum(info.block_rows)}, not rows={info.rows}; {redo}")
             if any(r < 1 for r in info.block_rows):
                 raise ValueError(f"{shwhere}: block_rows must all be >= 1; {redo}")
+            if info.tokens is not None and info.tokens != info.rows * row_len:
+                raise ValueError(f"{shwhere}: tokens={info.tokens} is not rows x row_len = {info.rows * row_len}; "
+                                 f"{redo}")
             shards.append(info)
         split = SplitInfo(
             name=name,
