@@ -328,3 +328,12 @@ def test_any_layout_and_resume_reads_each_epoch_as_a_permutation(data_dir, natur
     np.testing.assert_array_equal(got, natural[expected][: len(got)])
     for e in range(2):  # each epoch visits every row of the split exactly once
         np.testing.assert_array_equal(np.sort(expected[e * R:(e + 1) * R]), np.arange(R))
+
+
+def test_contiguous_batches_for_gpus_hold_the_same_rows(data_dir):
+    kw = dict(micro_batch_size=6, seed=3, shuffle_blocks=2)
+    views = take(iter(TokenStream(data_dir, **kw)), 40)
+    contiguous = take(iter(TokenStream(data_dir, contiguous=True, **kw)), 40)
+    for a, b in zip(views, contiguous):
+        assert b.inputs.is_contiguous() and b.targets.is_contiguous()
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
