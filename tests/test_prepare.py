@@ -217,16 +217,21 @@ def test_error_messages(tmp_path):
         prepare_corpus([a], str(tmp_path / "o"), seq_len=8, log=quiet)
 
 
-def test_leftovers_of_interrupted_run_are_removed(tmp_path):
+def test_shard_named_files_without_prepare_state_are_refused_not_deleted(tmp_path):
+    """Without a work folder nothing proves those files came from a prepare: they are kept."""
     (tmp_path / "a.txt").write_text("abc " * 100)
     out = tmp_path / "out"
     out.mkdir()
     (out / "train-000007.tar").write_bytes(b"stale")
     (out / "train-000000.tar.tmp").write_bytes(b"stale")
     (out / "notes.txt").write_text("user file")
+    with pytest.raises(PrepareError, match=r"already holds train-000000.tar.tmp, train-000007.tar"):
+        prepare_corpus([str(tmp_path / "a.txt")], str(out), seq_len=8, val_fraction=0.1, log=quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "train-000000.tar.tmp", "train-000007.tar"]
+    (out / "train-000007.tar").unlink()
+    (out / "train-000000.tar.tmp").unlink()
     prepare_corpus([str(tmp_path / "a.txt")], str(out), seq_len=8, val_fraction=0.1, log=quiet)
-    assert not (out / "train-000007.tar").exists() and not (out / "train-000000.tar.tmp").exists()
-    assert (out / "notes.txt").read_text() == "user file"
+    assert (out / "notes.txt").read_text() == "user file" and (out / "manifest.json").is_file()
 
 
 @settings(max_examples=20, deadline=None)
@@ -541,3 +546,45 @@ def test_worker_error_names_file_and_line_and_stops_the_workers(tmp_path):
     assert re.search(r"distlm: data error: .*b\.jsonl:5: invalid JSON .*fix or remove the line", result.stderr)
     assert "Traceback" not in result.stderr
     assert not _wait_until_gone(marker, timeout=5)
+
+
+def test_files_of_the_users_in_out_are_neither_overwritten_nor_deleted(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "tokenizer.json").write_text('{"mine": true}')
+    (tmp_path / "t.txt").write_text("some text " * 100)
+    with pytest.raises(PrepareError, match=r"already holds tokenizer.json, not from an interrupted prepare"):
+        prepare_corpus([str(tmp_path / "t.txt")], str(out), seq_len=16, log=lambda _m: None)
+    assert (out / "tokenizer.json").read_text() == '{"mine": true}'
+    # A refusal for a too-small split removes what it wrote, but not a folder it did not create.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(PrepareError, match="one row needs"):
+        prepare_corpus([str(tmp_path / "t.txt")], str(other), seq_len=4096, log=lambda _m: None)
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_a_run_killed_after_its_manifest_is_finished_by_the_same_command(tmp_path, monkeypatch):
+    from distlm.data import prepare_run
+
+    (tmp_path / "t.txt").write_text("finished but not cleaned up " * 200)
+    out = tmp_path / "d"
+    real_rmtree = prepare_run.shutil.rmtree
+
+    def killed(path, *a, **kw):
+        if str(path).endswith(".prepare") and (out / "manifest.json").exists():
+            raise KeyboardInterrupt  # the process dies between the manifest and the clean-up
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(prepare_run.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_corpus([str(tmp_path / "t.txt")], str(out), seq_len=16, log=lambda _m: None)
+    monkeypatch.setattr(prepare_run.shutil, "rmtree", real_rmtree)
+    assert (out / ".prepare").is_dir() and (out / "manifest.json").is_file()
+    logged = []
+    manifest = prepare_corpus([str(tmp_path / "t.txt")], str(out), seq_len=16, log=logged.append)
+    assert not (out / ".prepare").exists() and "completed by an interrupted run" in logged[-1]
+    assert manifest == json.loads((out / "manifest.json").read_text())
+    with pytest.raises(PrepareError, match="already holds a prepared dataset"):
+        prepare_corpus([str(tmp_path / "t.txt")], str(out), seq_len=16, log=lambda _m: None)

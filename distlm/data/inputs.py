@@ -212,9 +212,29 @@ class Segment:
         return self.offset + len(self.data), self.lineno + self.data.count(b"\n")
 
 
+_SPACE = b" \t\r\n\x0b\x0c"
+
+
 def _cut(window: bytes, limit: int) -> int:
-    """Length of the next text piece: through the last newline before ``limit``, else ``limit``
-    moved back to a character boundary (so each piece decodes on its own)."""
+    """Length of the next text piece of a long text file, at most ``limit`` bytes.
+
+    Pieces are tokenized separately, so a cut must fall where tokenizers split anyway: after a
+    newline that is followed by a non-space (so runs of blank lines and indentation stay whole),
+    else before a space that follows a non-space (byte-level BPE keeps a space with the word
+    after it), else at any newline, else at a character boundary (so each piece decodes on its
+    own). The cuts depend only on the bytes, never on batch sizes or worker counts.
+    """
+    floor = limit // 2  # look back at most this far for a good cut
+    i = window.rfind(b"\n", floor, limit)
+    while i >= floor:
+        if window[i + 1] not in _SPACE:
+            return i + 1
+        i = window.rfind(b"\n", floor, i)
+    i = window.rfind(b" ", floor, limit)
+    while i > floor:
+        if window[i - 1] not in _SPACE:
+            return i
+        i = window.rfind(b" ", floor, i)
     newline = window.rfind(b"\n", 0, limit)
     if newline >= 0:
         return newline + 1

@@ -3,8 +3,9 @@
 Inputs are text files, folders of them (walked recursively in sorted order), JSONL files
 (``.jsonl``, ``.jsonl.zst``, ``.jsonl.gz``; one JSON object per line, the text under
 ``text_field``; blank lines are skipped) and gzipped text (any other ``.gz``). Every file, or
-every JSONL record, is one document. Files that are not valid UTF-8 are skipped with one log
-line each and counted in the manifest as ``skipped_files``.
+every JSONL record, is one document. Text files that are not valid UTF-8 (binaries) are skipped
+with one log line each and counted in the manifest as ``skipped_files``; a JSONL line that is
+not valid UTF-8 or JSON stops the run, naming the file and line.
 
 Document boundaries: EOS is appended after every document (an empty file is a document of just
 EOS) and no tokenizer produces EOS from text, so the EOS positions in the rows are exactly the
@@ -30,12 +31,14 @@ the main module (they are started as by multiprocessing's "forkserver").
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from .inputs import find_input_files
+from .shards import MANIFEST_NAME
 from .prepare_common import Log, PrepareError, counted
 from .prepare_resume import Options
 from .prepare_run import BLOCK_TARGET_BYTES, WORK_DIR, Preparation, rows_for_tokens
@@ -138,7 +141,7 @@ def prepare_corpus(
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = _usable_cpus() if workers is None else workers
     _check_options(seq_len, val_fraction, shard_mb, stride, block_rows, workers, batch_mb)
     if not inputs:
         raise PrepareError("no inputs given; pass text files, folders, .jsonl(.zst/.gz) or .gz files")
@@ -155,6 +158,8 @@ def prepare_corpus(
                       inputs=[os.fspath(p) for p in inputs], log=log, progress_s=progress_s)
     try:
         run.open(restart)
+        if run.complete:
+            return json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
         bytes_before = run.progress["tokenize"]["bytes"]
         run.tokenize()
         splits = run.pack(run.split_ranges())
@@ -167,6 +172,14 @@ def prepare_corpus(
     _log_summary(log, out, manifest, run.tok, time.monotonic() - t0,
                  run.progress["tokenize"]["bytes"] - bytes_before, run.resumed)
     return manifest
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (which containers and SLURM set), not the host's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _log_summary(log: Log, out: Path, manifest: dict[str, Any], tok: Tokenizer, elapsed: float, nbytes: int,

@@ -213,17 +213,24 @@ class BlockJob:
     stride: int
     dtype: str
     eos_id: int
+    frame_path: str
 
 
-def encode_rows(job: BlockJob) -> tuple[bytes, int, int]:
-    """(zstd frame of the block, rows, documents ending in its owned tokens)."""
+def encode_rows(job: BlockJob) -> tuple[str, int, int]:
+    """(file holding the block's zstd frame, rows, documents ending in its owned tokens).
+
+    The frame goes through a file, not the result pipe: a worker that dies while sending a
+    result larger than the pipe's buffer would leave the pool waiting for the rest forever.
+    """
     dtype = np.dtype(job.dtype)
     tokens = np.concatenate([np.fromfile(path, dtype=dtype, count=count, offset=first * dtype.itemsize)
                              for path, first, count in job.ranges])
     span = (job.rows - 1) * job.stride + job.seq_len + 1
     rows = np.lib.stride_tricks.sliding_window_view(tokens[:span], job.seq_len + 1)[::job.stride]
     documents = int(np.count_nonzero(tokens[:job.owned] == job.eos_id))
-    return encode_block(np.ascontiguousarray(rows)), job.rows, documents
+    with open(job.frame_path, "wb") as f:
+        f.write(encode_block(np.ascontiguousarray(rows)))
+    return job.frame_path, job.rows, documents
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +267,10 @@ class Workers:
         pending: deque[tuple[Any, Future]] = deque()
         try:
             for job in chain(head, jobs):
-                pending.append((job, pool.submit(fn, job)))
+                try:
+                    pending.append((job, pool.submit(fn, job)))
+                except BrokenProcessPool:
+                    raise _worker_died() from None
                 if len(pending) >= 2 * self.n:
                     yield self._take(pending)
             while pending:
@@ -296,10 +306,7 @@ class Workers:
         try:
             return job, future.result()
         except BrokenProcessPool:
-            raise PrepareError(
-                "a worker process died (killed, or out of memory: try fewer --workers or a smaller "
-                "--batch-mb); run the same command again to resume"
-            ) from None
+            raise _worker_died() from None
         except InputError as exc:
             raise exc from None  # the message says it all; the worker's traceback would only bury it
 
@@ -310,3 +317,8 @@ class Workers:
             self._pool = None
             for end in self._alive:
                 end.close()
+
+
+def _worker_died() -> PrepareError:
+    return PrepareError("a worker process died (killed, or out of memory: try fewer --workers or a smaller "
+                        "--batch-mb); run the same command again to resume")

@@ -61,6 +61,8 @@ class Preparation:
         self.work = out / WORK_DIR
         self.progress = fresh_progress()
         self.resumed = False
+        self.complete = False  # set by open: an earlier run finished; nothing left to do
+        self.created_out = not out.exists()
 
     # -- opening
 
@@ -70,20 +72,41 @@ class Preparation:
         if out.exists() and not out.is_dir():
             raise PrepareError(f"--out {out} is a file, not a folder; pick another --out")
         if (out / MANIFEST_NAME).exists():
+            state = read_json(self.work / "state.json")
+            if state is not None and not restart:
+                # Killed after writing the manifest, before removing its work folder: done.
+                check_resumable(state, self.options, self.files, out, "pick another --out or delete it first")
+                shutil.rmtree(self.work)
+                self.log(f"{out} was completed by an interrupted run of this command; removed its work folder")
+                self.complete = True
+                return
             raise PrepareError(
                 f"{out} already holds a prepared dataset ({out / MANIFEST_NAME} exists); "
                 f"pick another --out or delete {out} first"
             )
         if restart and self.work.exists():
             shutil.rmtree(self.work)
+            self._remove_leftovers(keep=set())  # the work folder vouched for them: they were ours
             self.log(f"--restart: discarded the partial work of an interrupted prepare in {out}")
         state = read_json(self.work / "state.json")
         if state is None:
-            shutil.rmtree(self.work, ignore_errors=True)  # stopped before its state: nothing to resume
-            self._remove_leftovers(keep=set())
+            if self.work.exists():  # stopped before its state: nothing to resume, only its files to remove
+                shutil.rmtree(self.work)
+                self._remove_leftovers(keep=set())
+            else:
+                self._refuse_foreign_files()
             self._start()
         else:
             self._resume(state)
+
+    def _refuse_foreign_files(self) -> None:
+        """Never overwrite (or later delete) files that no prepare of ours left in ``out``."""
+        if not self.out.is_dir():
+            return
+        clash = sorted(p.name for p in self.out.iterdir() if _LEFTOVER_RE.match(p.name))
+        if clash:
+            raise PrepareError(f"--out {self.out} already holds {', '.join(clash[:5])}, not from an interrupted "
+                               f"prepare (no {WORK_DIR}/ there); pick another --out or move those files")
 
     def _remove_leftovers(self, keep: set[str]) -> None:
         """Shards and files of an interrupted run that are not part of what is resumed."""
@@ -223,10 +246,11 @@ class Preparation:
         """Remove everything this preparation wrote: re-running cannot change a refusal."""
         shutil.rmtree(self.work, ignore_errors=True)
         (self.out / TOKENIZER_NAME).unlink(missing_ok=True)
-        try:
-            self.out.rmdir()
-        except OSError:  # holds files of the user's
-            pass
+        if self.created_out:
+            try:
+                self.out.rmdir()
+            except OSError:  # holds files of the user's
+                pass
 
     # -- packing
 
@@ -266,7 +290,7 @@ class Preparation:
             # Up to the next block's first token; the last block also owns the dropped tail.
             owned = (r1 * S if r1 < R else plan["tokens"]) - r0 * S
             yield BlockJob(j, spill.ranges(start, start + max(span, owned)), r1 - r0, owned, L, S,
-                           self.dtype.str, self.tok.eos_id)
+                           self.dtype.str, self.tok.eos_id, str(self.work / f"block-{j:08d}.zst"))
 
     def _pack_split(self, name: str, plan: dict[str, Any], spill: Optional["_Spill"], progress: Progress,
                     inline: bool) -> dict[str, Any]:
@@ -276,11 +300,13 @@ class Preparation:
         shard_bytes = max(1, int(self.options.shard_mb * (1 << 20)))
         try:
             jobs = self._block_jobs(plan, spill) if record["blocks"] < plan["blocks"] else ()
-            for job, (data, rows, docs) in self.workers.map(encode_rows, jobs, inline=inline):
+            for job, (frame_path, rows, docs) in self.workers.map(encode_rows, jobs, inline=inline):
                 if writer is None:
                     path = self.out / shard_file_name(name, len(record["shards"]))
                     writer = ShardWriter(path, dtype=self.dtype, row_len=self.options.seq_len + 1)
-                writer.add_encoded(data, rows)
+                frame = Path(frame_path)
+                writer.add_encoded(frame.read_bytes(), rows)
+                frame.unlink()
                 blocks, documents = blocks + 1, documents + docs
                 if writer.bytes_written >= shard_bytes or job.index == plan["blocks"] - 1:
                     record["shards"].append(writer.close().to_dict())
@@ -306,8 +332,6 @@ class Preparation:
 
     def finish(self, splits: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """Write the manifest (last: a folder with one is complete) and remove the work folder."""
-        for path in self.work.glob("tokens-*.bin*"):  # the spill is big; the state is enough from here
-            path.unlink()
         tk = self.progress["tokenize"]
         manifest = {
             "format": FORMAT,
@@ -331,6 +355,8 @@ class Preparation:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_manifest(self.out, manifest)
+        # Only now: killed before this, the same command finds the manifest and the matching
+        # state and just cleans up (see open); the spill is needed until the manifest exists.
         shutil.rmtree(self.work, ignore_errors=True)
         return manifest
 
