@@ -113,6 +113,8 @@ def _init_worker(tokenizer_pickle: bytes, main_alive: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_main, args=(main_alive,), daemon=True).start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # The bytes come from this run's main process over the pool's private pipe (multiprocessing
+    # pickles every job the same way), never from a file or the network.
     _TOKENIZER = pickle.loads(tokenizer_pickle)
 
 
