@@ -304,12 +304,7 @@ class HFTokenizer:
         _drop_reachable_specials(lambda t: tokenizer.encode(t, add_special_tokens=False).ids,
                                       ids, names, source,
                                       "mark the token special in the tokenizer.json (\"special\": true)")
-        self.eos_id: int = ids["eos"]  # type: ignore[assignment]
-        self.bos_id: Optional[int] = ids["bos"]
-        self.pad_id: Optional[int] = ids["pad"]
-        self.mask_id: Optional[int] = ids["mask"]
-        self.special_tokens = {k: v for k, v in names.items() if v is not None}
-        self._drop = {i for i in (self.bos_id, self.pad_id, self.mask_id) if i is not None and i != self.eos_id}
+        _set_special_ids(self, ids, names)
 
     @classmethod
     def from_json_str(cls, text: str, *, source: str = "<in-memory HF tokenizer>") -> "HFTokenizer":
@@ -371,6 +366,14 @@ class HFTokenizer:
         return f"HFTokenizer({self.source}, vocab {self.vocab_size}, eos {self.eos_id})"
 
 
+def _set_special_ids(tok: Any, ids: dict[str, Optional[int]], names: dict[str, Optional[str]]) -> None:
+    """The special ids of a file-backed tokenizer, and the ones ``decode`` drops (all but EOS)."""
+    tok.eos_id = ids["eos"]
+    tok.bos_id, tok.pad_id, tok.mask_id = ids["bos"], ids["pad"], ids["mask"]
+    tok.special_tokens = {k: v for k, v in names.items() if v is not None}
+    tok._drop = {i for i in (tok.bos_id, tok.pad_id, tok.mask_id) if i is not None and i != tok.eos_id}
+
+
 def _file_summary(tok: Any) -> dict[str, Any]:
     """What manifest.json records of a tokenizer kept in a file: its ids and the file's hash."""
     return {
@@ -430,12 +433,7 @@ class SentencePieceTokenizer:
                                        source, self._FIX)
         _drop_reachable_specials(lambda t: sp.encode(t), ids, names, source,
                                       "make it a control symbol (--control_symbols), not a user-defined one")
-        self.eos_id: int = ids["eos"]  # type: ignore[assignment]
-        self.bos_id: Optional[int] = ids["bos"]
-        self.pad_id: Optional[int] = ids["pad"]
-        self.mask_id: Optional[int] = ids["mask"]
-        self.special_tokens = {k: v for k, v in names.items() if v is not None}
-        self._drop = {i for i in (self.bos_id, self.pad_id, self.mask_id) if i is not None and i != self.eos_id}
+        _set_special_ids(self, ids, names)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
