@@ -166,16 +166,21 @@ def open_url(location: str | os.PathLike, *, allow_pipe: bool = False, timeout: 
                 f"`data.allow_pipe: true` if you trust this config and want it to run"
             )
         return _PipeStream(text[len("pipe:"):], text)
-    return _open_http(text, timeout=timeout, retries=retries, backoff=backoff)
+    return _ResumingHTTPStream(text, timeout=timeout, retries=retries, backoff=backoff)
 
 
-def _open_http(url: str, *, timeout: float, retries: int, backoff: float) -> BinaryIO:
+def _open_http(url: str, *, timeout: float, retries: int, backoff: float, start: int = 0) -> BinaryIO:
+    """The response body from byte ``start`` on (a ``Range`` request when ``start`` > 0)."""
     last = ""
+    request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
         try:
-            return urllib.request.urlopen(url, timeout=timeout)
+            response = urllib.request.urlopen(request, timeout=timeout)
+            if start and response.status != 206:  # the server ignored the range: skip what we have
+                _discard(response, start)
+            return response
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code in (404, 410):
@@ -189,6 +194,66 @@ def _open_http(url: str, *, timeout: float, retries: int, backoff: float) -> Bin
             last = str(getattr(exc, "reason", exc)) or type(exc).__name__
     raise ShardError(f"{url}: unreachable after {retries + 1} attempts ({last}); check the network and the "
                      f"server", kind="unreachable", url=url)
+
+
+def _discard(stream: BinaryIO, n: int) -> None:
+    while n > 0:
+        chunk = stream.read(min(n, 1 << 20))
+        if not chunk:
+            raise http.client.IncompleteRead(b"")
+        n -= len(chunk)
+
+
+class _ResumingHTTPStream:
+    """An http(s) response body that survives a dropped connection.
+
+    A read that fails part-way (reset, timeout, a body shorter than its Content-Length) reopens
+    the URL with a ``Range`` request from the first byte not yet returned and carries on, with
+    the same retries and backoff as opening; only when those run out is it a
+    :class:`ShardError` of kind ``unreachable``. A shard download that a network blip cuts
+    off mid-way therefore costs a reconnect, not a damaged block or a stopped run.
+    """
+
+    def __init__(self, url: str, *, timeout: float, retries: int, backoff: float):
+        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+        self._response = _open_http(url, timeout=timeout, retries=retries, backoff=backoff)
+        length = self._response.headers.get("Content-Length")
+        self._size = int(length) if length and length.isdigit() else None  # None: chunked, unknown
+        self._position = 0
+        self.reconnects = 0
+
+    def read(self, n: int = -1) -> bytes:
+        for attempt in range(self.retries + 1):
+            try:
+                data = self._response.read() if n is None or n < 0 else self._response.read(n)
+                if not data and n != 0 and self._size is not None and self._position < self._size:
+                    # http.client returns b"" when the body stops short of its Content-Length.
+                    raise http.client.IncompleteRead(b"", self._size - self._position)
+                self._position += len(data)
+                if (n is None or n < 0) and data:
+                    return data + self.read()  # until the true end: after a reconnect, the rest
+                return data
+            except (http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
+                last = str(exc) or type(exc).__name__
+                self._reconnect(attempt)
+        raise ShardError(f"{self.url}: the connection kept dropping at byte {self._position:,} ({last}); check the "
+                         f"network and the server", kind="unreachable", url=self.url)
+
+    def _reconnect(self, attempt: int) -> None:
+        self._response.close()
+        time.sleep(self.backoff * 2 ** attempt)
+        self.reconnects += 1
+        self._response = _open_http(self.url, timeout=self.timeout, retries=self.retries, backoff=self.backoff,
+                                    start=self._position)
+
+    def close(self) -> None:
+        self._response.close()
+
+    def __enter__(self) -> "_ResumingHTTPStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _PipeStream:
