@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from distlm.data.blend import Source
 from distlm.fsutil import atomic_write_text
 
 
@@ -59,25 +60,10 @@ class ModelConfig:
 
 
 @dataclass
-class DataSource:
-    """One dataset of a blend (``data.sources``)."""
-
-    path: str
-    """A folder or URL (``http(s)://``, ``file://``; ``pipe:`` with data.allow_pipe) written by ``distlm prepare``."""
-    weight: float = 1.0
-    """Share of the rows, relative to the other sources' weights."""
-    name: Optional[str] = None
-    """Label in logs, metrics and checkpoints; default the path's last part. Must be unique."""
-    shards: Optional[str] = None
-    """Brace pattern of the train shard URLs in manifest order, when the shards live apart from
-    the manifest, e.g. ``https://host/ds/train-{000000..000099}.tar``."""
-
-
-@dataclass
 class DataConfig:
     path: Optional[str] = None
     """A folder (or URL) written by ``distlm prepare`` (holds manifest.json). Or use ``sources``."""
-    sources: list[DataSource] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
     """Several datasets blended by weight, instead of ``path``: ``[{path: ..., weight: ...}, ...]``."""
     on_error: Literal["fail", "skip"] = "fail"
     """Damaged shards (truncated, corrupt, missing): stop the run, or mask their rows and go on."""
@@ -438,13 +424,9 @@ def _validate_data(d: DataConfig) -> None:
                               f"if you trust this config")
 
 
-def data_sources(d: DataConfig):
-    """The sources to read, as :class:`distlm.data.stream.Source`: ``data.path`` is one of weight 1."""
-    from distlm.data.stream import Source  # data imports torch; config stays light until needed
-
-    if d.path is not None:
-        return [Source(d.path)]
-    return [Source(s.path, s.weight, s.name, s.shards) for s in d.sources]
+def data_sources(d: DataConfig) -> list[Source]:
+    """The sources to read: ``data.path`` is a single one of weight 1."""
+    return [Source(d.path)] if d.path is not None else list(d.sources)
 
 
 # --------------------------------------------------------------------------- writing

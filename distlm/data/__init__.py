@@ -19,7 +19,7 @@ _EXPORTS = {
     "SentencePieceTokenizer": "tokenizers",
     "ShardError": "shards",
     "ShardInfo": "shards",
-    "Source": "stream",
+    "Source": "blend",
     "SplitInfo": "shards",
     "TokenStream": "stream",
     "load_manifest": "shards",

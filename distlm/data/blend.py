@@ -23,11 +23,32 @@ changes its weights on resume continues every source from its counter this way.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["BlendSchedule"]
+__all__ = ["BlendSchedule", "Source"]
+
+@dataclass
+class Source:
+    """One dataset of a blend (``data.sources``), or the one of ``data.path``."""
+
+    path: str
+    """A folder or URL (``http(s)://``, ``file://``; ``pipe:`` with data.allow_pipe) written by ``distlm prepare``."""
+    weight: float = 1.0
+    """Share of the rows, relative to the other sources' weights."""
+    name: Optional[str] = None
+    """Label in logs, metrics and checkpoints; default the path's last part. Must be unique."""
+    shards: Optional[str] = None
+    """Brace pattern of the train shard URLs in manifest order, when the shards live apart from
+    the manifest, e.g. ``https://host/ds/train-{000000..000099}.tar``."""
+
+    @property
+    def label(self) -> str:
+        return self.name or os.path.basename(str(self.path).rstrip("/")) or str(self.path)
+
 
 _ROUND_TAG = 2  # distinct from the stream's shard/window tags: another use of the same seed
 _MIN_ROUND = 1024

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .blend import BlendSchedule
+from .blend import BlendSchedule, Source
 from .remote import expand_urls
 from .shards import Manifest, ShardError, ShardReader, SplitInfo, load_manifest
 
@@ -61,31 +61,15 @@ _SOURCE_TAG = 3
 class MicroBatch(NamedTuple):
     """One rank's micro-batch: ``inputs``/``targets`` LongTensors ``[micro_batch_size, seq_len]``.
 
-    ``errors``: what the reader met since the previous micro-batch of this iterator, as counts
-    by kind (see :data:`~distlm.data.shards.ERROR_KINDS`) plus ``rows_skipped`` (masked rows of
-    this batch); None when nothing happened. The training loop adds them to its counters.
+    ``errors``: None when nothing happened, else ``events`` (``(kind, url, block, epoch)`` of
+    damaged data this reader met since its previous micro-batch; kinds are
+    :data:`~distlm.data.shards.ERROR_KINDS`) and ``rows_skipped`` (masked rows of this batch).
+    The training loop counts them (``DataCounters``), once per event over all readers.
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     errors: Optional[dict] = None
-
-
-@dataclass
-class Source:
-    """One dataset of a blend: a folder or URL written by ``distlm prepare``, and its weight."""
-
-    path: str
-    weight: float = 1.0
-    name: Optional[str] = None
-    """Label in logs and metrics; default the folder's (or URL's) last part."""
-    shards: Optional[str] = None
-    """Brace pattern of the split's shard URLs in manifest order, for shards stored apart from
-    the manifest (e.g. ``https://host/ds/train-{000000..000099}.tar``)."""
-
-    @property
-    def label(self) -> str:
-        return self.name or os.path.basename(str(self.path).rstrip("/")) or str(self.path)
 
 
 DataSpec = Union[str, os.PathLike, Sequence[Source]]

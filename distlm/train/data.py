@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from distlm.config import BatchLayout, Config, ConfigError, data_sources
-from distlm.data.stream import Source, TokenStream
+from distlm.data.blend import Source
+from distlm.data.stream import TokenStream
 from distlm.parallel.distributed import all_gather_objects, all_reduce_sum
 
 __all__ = ["DataCounters", "DataDigest", "ResumePlan", "data_state", "resume_plan", "train_stream", "val_stream"]

@@ -139,7 +139,6 @@ def train(cfg: Config) -> dict:
         state.step += 1
         state.rows_consumed += layout.global_batch
         state.tokens_seen += tokens_per_step
-        state.data = data_state(stream, state.rows_consumed)
         interval.steps += 1
 
         if logging_now or saving_now:
@@ -148,6 +147,8 @@ def train(cfg: Config) -> dict:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {state.step}: not saving. Lower optim.lr, "
                                          f"check the data, or resume from the last checkpoint")
+            # The loader's position and the damaged-data counts of all ranks (a collective).
+            state.data = data_state(stream, state.rows_consumed, data_errors.global_totals(ctx.device))
         if logging_now:
             seconds = interval.seconds()
             tokens_per_s = interval.steps * tokens_per_step / seconds
@@ -159,13 +160,12 @@ def train(cfg: Config) -> dict:
                     "mem_bytes": memory_bytes(ctx.device),
                     "source_rows": {src["name"]: src["rows"] for src in state.data["sources"]},
                     "source_tokens": {src["name"]: src["tokens"] for src in state.data["sources"]},
-                    "data_errors": data_errors.global_totals(ctx.device),
+                    "data_errors": state.data["errors"],
                     "data_digest": digest.global_value(ctx.device)}
             log.step(last)
             interval = _Interval()
         if saving_now:  # before evaluating: a failing evaluation must not cost the checkpoint
             state.elapsed_s = time.perf_counter() - started
-            state.data = data_state(stream, state.rows_consumed, data_errors.global_totals(ctx.device))
             checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), ctx, cfg.checkpoint.keep_last, log.info)
             digest.restart()  # a run resumed from here starts its first interval here too
         if evaluating_now:
