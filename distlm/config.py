@@ -24,6 +24,7 @@ import yaml
 
 from distlm.data.blend import Source
 from distlm.fsutil import atomic_write_text
+from distlm.parallel.layout import Layout, LayoutError, ranks_per_node_from_env
 
 
 class ConfigError(ValueError):
@@ -81,12 +82,21 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
+    """The layout: tp x pp x dp = world size, dp taking what tp and pp leave (README: choosing a layout)."""
+
     tp: int = 1
-    """Tensor-parallel size (reserved: only 1 is supported yet)."""
+    """Tensor-parallel size: each layer's matrices split over this many ranks (keep it within a node)."""
     pp: int = 1
-    """Pipeline-parallel size (reserved: only 1 is supported yet)."""
+    """Pipeline-parallel size: the layers cut into this many stages, run 1F1B over the micro-batches."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3; at most 1 with pp > 1."""
+    sequence_parallel: bool = False
+    """With tp > 1: norms, dropout and residuals work on 1/tp of the sequence each (less activation
+    memory; the all-reduces become reduce-scatter/all-gather pairs of the same bytes)."""
+    pipeline_partition: Literal["parameters", "uniform"] = "parameters"
+    """How layers are cut into stages: balance parameter counts, or the same number of blocks each."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: about 1/3 more compute, far less memory."""
 
 
 @dataclass
@@ -363,9 +373,18 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
             raise ConfigError(message)
 
     _validate_data(cfg.data)
-    need(p.tp == 1 and p.pp == 1, "parallel.tp and parallel.pp must be 1 for now (tensor/pipeline parallelism is not built yet)")
     need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be one of 0, 1, 2, 3; got {p.zero_stage}")
-    need(world_size % (p.tp * p.pp) == 0, f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {p.tp * p.pp}")
+    need(p.pp == 1 or p.zero_stage <= 1,
+         f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine supports "
+         f"ZeRO stage 0 or 1 only (stage 2 and 3 partition gradients and weights across the micro-batches the "
+         f"pipeline interleaves). Use parallel.zero_stage=1, or pp=1 for ZeRO 2/3")
+    need(not (p.activation_checkpointing and p.tp > 1 and m.dropout > 0),
+         "parallel.activation_checkpointing with parallel.tp > 1 needs model.dropout=0: the recomputed "
+         "attention dropout would not replay the tensor-parallel random stream")
+    try:
+        Layout.for_world(p.tp, p.pp, world_size, ranks_per_node_from_env())
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
     for key, value in (("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
                        ("train.max_steps", t.max_steps), ("train.batch_size", t.batch_size),
                        ("train.log_every", t.log_every), ("train.eval_iters", t.eval_iters)):

@@ -14,11 +14,19 @@ def test_configs_folder_is_not_empty():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_validates(path):
+def test_every_shipped_config_loads_and_validates(path, monkeypatch):
+    from distlm.parallel.layout import Layout
+    from distlm.train.parallelize import check_model_fits
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    layout = validate(cfg, world_size=1)
-    assert layout.global_batch == cfg.train.batch_size
+    for dp in (1, 4):  # the smallest world its layout runs on, and a few replicas of it
+        world = cfg.parallel.tp * cfg.parallel.pp * dp
+        layout = validate(cfg, world_size=world)
+        assert layout.global_batch == cfg.train.batch_size
+        if cfg.model.vocab_size is not None and cfg.train.seq_len is not None:
+            check_model_fits(cfg, Layout.for_world(cfg.parallel.tp, cfg.parallel.pp, world))
 
 
 def test_overrides_set_nested_keys_with_types():
@@ -76,7 +84,10 @@ def _valid(*overrides):
     (("model.d_model=100", "model.n_heads=3"), 1, "model.d_model=100"),
     (("model.n_heads=4", "model.n_kv_heads=3"), 1, "n_kv_heads"),
     (("parallel.zero_stage=4",), 1, "parallel.zero_stage"),
-    (("parallel.tp=2",), 2, "parallel.tp"),
+    (("parallel.tp=2",), 3, "parallel.tp"),
+    (("parallel.tp=2", "parallel.pp=2"), 6, "parallel.tp x parallel.pp"),
+    (("parallel.pp=2", "parallel.zero_stage=2"), 2, "ZeRO stage 0 or 1 only"),
+    (("parallel.tp=2", "parallel.activation_checkpointing=true", "model.dropout=0.1"), 2, "model.dropout=0"),
     (("train.batch_size=12",), 5, "train.batch_size=12"),
     (("train.batch_size=12", "train.micro_batch_size=4"), 2, "train.batch_size=12"),
     (("optim.min_lr=0.1", "optim.lr=0.01"), 1, "optim.min_lr"),
@@ -91,7 +102,8 @@ def _valid(*overrides):
     (("optim.eps=0",), 1, "optim.eps"),
     (("data.seed=-1",), 1, "data.seed"),
 ])
-def test_validation_rejects_impossible_combinations(overrides, world, needle):
+def test_validation_rejects_impossible_combinations(overrides, world, needle, monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cfg = _valid(*overrides)
     if needle is None:
         validate(cfg, world)
