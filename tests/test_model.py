@@ -185,7 +185,8 @@ def test_layernorm_bias_follows_config(bias):
     model = build(norm="layernorm", bias=bias)
     assert (model.blocks[0].norm1.bias is not None) == bias
     assert (model.blocks[0].attn.q_proj.bias is not None) == bias
-    assert model.lm_head.bias is None
+    untied = build(norm="layernorm", bias=bias, tie_embeddings=False)
+    assert untied.head.lm_head.bias is None  # an LM head never has a bias
 
 
 # --------------------------------------------------------------------------- embeddings and groups
@@ -193,15 +194,15 @@ def test_layernorm_bias_follows_config(bias):
 
 def test_tied_embeddings_share_storage():
     model = build(tie_embeddings=True)
-    assert model.lm_head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
-    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.lm_head_weight is model.tok_emb.weight
+    assert not hasattr(model.head, "lm_head")  # no second table to keep in step
 
 
 def test_untied_embeddings_do_not_share():
     model = build(tie_embeddings=False)
-    assert model.lm_head.weight.data_ptr() != model.tok_emb.weight.data_ptr()
+    assert model.lm_head_weight.data_ptr() != model.tok_emb.weight.data_ptr()
     # and they are independent tensors after init, not copies
-    assert not torch.equal(model.lm_head.weight, model.tok_emb.weight)
+    assert not torch.equal(model.lm_head_weight, model.tok_emb.weight)
 
 
 @pytest.mark.parametrize("decay_embeddings", [True, False])
@@ -217,11 +218,11 @@ def test_parameter_groups(tie, pos, decay_embeddings):
     assert sorted(ids_decay + ids_no) == sorted(all_ids), "every parameter in exactly one group"
     assert not set(ids_decay) & set(ids_no)
     assert all(p.dim() >= 2 for p in decay["params"])
-    embeddings = {id(model.tok_emb.weight)} | ({id(model.pos_emb.weight)} if pos == "learned" else set())
+    embeddings = {id(model.tok_emb.weight)} | ({id(model.positions.pos_emb.weight)} if pos == "learned" else set())
     assert all(p.dim() == 1 for p in no_decay["params"] if id(p) not in embeddings)
     assert embeddings <= set(ids_decay if decay_embeddings else ids_no)
     if not tie:
-        assert id(model.lm_head.weight) in ids_decay
+        assert id(model.lm_head_weight) in ids_decay
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[i].rsplit(".", 2)[-2] for i in ids_decay if i not in embeddings}
     assert decayed <= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "lm_head"}
@@ -347,7 +348,7 @@ def test_sinusoidal_embeddings_are_scaled_by_sqrt_d_model():
     model = build(pos="sinusoidal", n_layers=1)
     x = tokens(B=1, T=4)
     seen = {}
-    model.emb_dropout.register_forward_hook(lambda mod, inp, out: seen.setdefault("x", out))
+    model.positions.emb_dropout.register_forward_hook(lambda mod, inp, out: seen.setdefault("x", out))
     model(x)
     expected = model.tok_emb(x) * math.sqrt(32) + sinusoidal_table(SEQ, 32)[:4]
     torch.testing.assert_close(seen["x"], expected)

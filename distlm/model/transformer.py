@@ -5,13 +5,20 @@ head, optionally tied to the token embedding. The options are the usual ones of 
 Llama style models: LayerNorm or RMSNorm, sinusoidal, learned or rotary positions, GELU or
 SwiGLU MLP, multi-head or grouped-query attention.
 
-This module is plain torch: no process groups, no DeepSpeed. Tensor parallelism swaps the
-``q_proj``/``k_proj``/``v_proj``/``o_proj`` and ``up_proj``/``gate_proj``/``down_proj``
-linears for parallel ones, so those names are part of the interface.
+Tensor parallelism is a constructor argument, not a second model: given a :class:`TPGroup` of
+size > 1, the ``q/k/v_proj`` and ``up/gate_proj`` linears are column-parallel (each rank holds
+some heads and some MLP width), ``o_proj`` and ``down_proj`` row-parallel (their outputs summed
+over the group), the token table vocabulary-parallel, and the loss is computed on each rank's
+slice of the vocabulary without gathering the logits. At size 1 they are plain ``nn.Linear`` and
+``nn.Embedding``. The model cuts itself into pipeline stages in :mod:`distlm.model.pipeline`.
+
+Weights are initialised as a function of (seed, parameter name) only (:mod:`distlm.model.init`),
+so every layout starts from the same model as one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -20,6 +27,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distlm.config import ModelConfig
+from distlm.model.init import init_weights, seed_from_torch
+from distlm.parallel.tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TPGroup,
+    TPRandom,
+    VocabParallelEmbedding,
+    copy_to_tp,
+    enter_tp_region,
+    vocab_parallel_cross_entropy,
+)
 
 
 def _sdpa_has_gqa() -> bool:
@@ -58,22 +76,44 @@ class RMSNorm(nn.Module):
     The mean of squares is taken in float32: in bf16 it loses precision over wide rows.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, tp: TPGroup | None = None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.tp = tp or TPGroup.single()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return normed.to(x.dtype) * self.weight
+        return normed.to(x.dtype) * _replicated(self.weight, self.tp)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that also works on a sequence-parallel chunk (see ``_replicated``)."""
+
+    def __init__(self, dim: int, eps: float, bias: bool, tp: TPGroup | None = None):
+        super().__init__(dim, eps=eps, bias=bias)
+        self.tp = tp or TPGroup.single()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else _replicated(self.bias, self.tp)
+        return F.layer_norm(x, self.normalized_shape, _replicated(self.weight, self.tp), bias, self.eps)
+
+
+def _replicated(param: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    # Norm gains (and learned positions) are replicated over the tp ranks. Under sequence
+    # parallelism each rank uses them on its chunk of the sequence only, so its gradient covers
+    # that chunk: copy_to_tp sums the gradients over the group, and every rank steps with the
+    # full one.
+    return copy_to_tp(param, tp) if tp.sequence_parallel else param
+
+
+def make_norm(cfg: ModelConfig, tp: TPGroup | None = None) -> nn.Module:
+    # Norms are replicated over tensor-parallel ranks: each sees the full hidden vector.
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        return LayerNorm(cfg.d_model, cfg.norm_eps, cfg.bias, tp)
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps, tp=tp)
     raise ValueError(f"model.norm must be layernorm or rmsnorm; got {cfg.norm!r}")
 
 
@@ -102,6 +142,24 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0) -> tupl
     return angles.cos(), angles.sin()
 
 
+class RotaryCache:
+    """The rotary tables of a model, made once per (length, device) and shared by its blocks.
+
+    Not a buffer: they are a function of the config, and pipeline stages each need them.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self._tables: dict = {}
+
+    def tables(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._tables:
+            cos, sin = rope_tables(self.head_dim, self.max_seq_len, self.theta)
+            self._tables[device] = (cos.to(device), sin.to(device))
+        cos, sin = self._tables[device]
+        return cos[:T], sin[:T]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` [..., T, head_dim] by the angles of positions 0..T-1 (``cos``/``sin`` [T, head_dim]).
 
@@ -114,35 +172,99 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos.float() + rotated * sin.float()).to(x.dtype)
 
 
+# --------------------------------------------------------------------------- parallel pieces
+
+
+def _mark_slices(module: nn.Module, tp: TPGroup) -> nn.Module:
+    # Which slice a parameter is, for layout-independent init and for consolidating checkpoints.
+    for p in module.parameters():
+        if getattr(p, "tensor_model_parallel", False):
+            p.tp_size, p.tp_rank = tp.size, tp.rank
+    return module
+
+
+def column_linear(in_features: int, out_features: int, bias: bool, tp: TPGroup) -> nn.Module:
+    """A linear whose outputs split over tp ranks (each computes some heads or some MLP width).
+
+    Its input must have passed through ``enter_tp_region`` (once for all the column linears
+    that read it).
+    """
+    if tp.size == 1:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return _mark_slices(ColumnParallelLinear(in_features, out_features, bias=bias, tp=tp, input_entered=True), tp)
+
+
+def row_linear(in_features: int, out_features: int, bias: bool, tp: TPGroup) -> nn.Module:
+    """A linear whose inputs split over tp ranks; the partial outputs are summed over the group."""
+    if tp.size == 1:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return _mark_slices(RowParallelLinear(in_features, out_features, bias=bias, tp=tp), tp)
+
+
+def token_embedding(cfg: ModelConfig, tp: TPGroup) -> nn.Module:
+    if tp.size == 1:
+        return nn.Embedding(cfg.vocab_size, cfg.d_model)
+    return _mark_slices(VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, tp=tp), tp)
+
+
+def tied_logits(x: torch.Tensor, embedding: nn.Module, tp: TPGroup) -> torch.Tensor:
+    """The LM head that is the token table: this rank's vocabulary slice of the logits."""
+    return F.linear(enter_tp_region(x, tp), embedding.weight)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Mean cross-entropy over the positions whose target is not -100, in float32.
+
+    Positions whose target is -100 (rows the loader skipped as damaged) are left out of the mean;
+    a micro-batch with none left gives 0 and no gradient, not NaN. With tp > 1 each rank holds a
+    slice of the vocabulary and the softmax is taken across the group without gathering it.
+    """
+    targets = targets.reshape(-1)
+    flat = logits.reshape(-1, logits.size(-1))
+    if tp.size == 1:
+        total = F.cross_entropy(flat.float(), targets, ignore_index=-100, reduction="sum")
+    else:
+        total = vocab_parallel_cross_entropy(flat, targets, tp, ignore_index=-100).sum()
+    return total / (targets != -100).sum().clamp(min=1)
+
+
 # --------------------------------------------------------------------------- blocks
 
 
 class Attention(nn.Module):
-    """Causal self-attention; grouped-query when n_kv_heads < n_heads (Ainslie et al. 2023)."""
+    """Causal self-attention; grouped-query when n_kv_heads < n_heads (Ainslie et al. 2023).
 
-    def __init__(self, cfg: ModelConfig):
+    Under tensor parallelism each rank holds n_heads/tp query heads and n_kv_heads/tp kv heads,
+    in order, so query head h still reads kv head h // group on the rank that holds both.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rotary: RotaryCache | None, rng: TPRandom | None):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.dropout = cfg.dropout
+        self.rotary = rotary
+        self.rng = rng  # dropout on this rank's heads draws from the tensor-parallel stream
+        self.tp = tp
         kv_dim = self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.bias)
-        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.q_proj = column_linear(cfg.d_model, cfg.d_model, cfg.bias, tp)
+        self.k_proj = column_linear(cfg.d_model, kv_dim, cfg.bias, tp)
+        self.v_proj = column_linear(cfg.d_model, kv_dim, cfg.bias, tp)
+        self.o_proj = row_linear(cfg.d_model, cfg.d_model, cfg.bias, tp)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = enter_tp_region(x, self.tp)
         B, T, _ = x.shape
         # [B, T, heads*hd] -> [B, heads, T, hd]: SDPA attends over the second-to-last dim.
-        # The head count is read from the projection's output, so a tensor-parallel linear
-        # that returns only this rank's heads works unchanged.
+        # The head count is read from the projection's output: a tensor-parallel linear
+        # returns only this rank's heads.
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope
+        if self.rotary is not None:
+            cos, sin = self.rotary.tables(T, x.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = {}
         if k.shape[1] != q.shape[1]:
@@ -152,9 +274,9 @@ class Attention(nn.Module):
             else:
                 group = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, **gqa
-        )
+        dropout = self.dropout if self.training else 0.0
+        with self.rng.fork() if (dropout and self.rng is not None) else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, **gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.o_proj(y))
 
@@ -162,21 +284,23 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """GELU MLP (GPT-2) or SwiGLU (Shazeer 2020, Llama): silu(gate(x)) * up(x)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__()
         hidden = mlp_hidden_size(cfg)
         self.kind = cfg.mlp
         if cfg.mlp == "swiglu":
-            self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+            self.gate_proj = column_linear(cfg.d_model, hidden, cfg.bias, tp)
         elif cfg.mlp == "gelu":
             self.act = nn.GELU()  # the exact erf form, not the tanh approximation
         else:
             raise ValueError(f"model.mlp must be gelu or swiglu; got {cfg.mlp!r}")
-        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
-        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.up_proj = column_linear(cfg.d_model, hidden, cfg.bias, tp)
+        self.down_proj = row_linear(hidden, cfg.d_model, cfg.bias, tp)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = enter_tp_region(x, self.tp)
         if self.kind == "swiglu":
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
@@ -187,17 +311,74 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm: the residual stream is never normalized, which keeps deep stacks trainable."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None, rotary: RotaryCache | None = None,
+                 rng: TPRandom | None = None):
         super().__init__()
-        self.norm1 = make_norm(cfg)
-        self.attn = Attention(cfg)
-        self.norm2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        tp = tp or TPGroup.single()
+        self.norm1 = make_norm(cfg, tp)
+        self.attn = Attention(cfg, tp, rotary, rng)
+        self.norm2 = make_norm(cfg, tp)
+        self.mlp = MLP(cfg, tp)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return x
+
+
+# --------------------------------------------------------------------------- embeddings and head
+
+
+class Positions(nn.Module):
+    """Adds position information to token embeddings (learned or sinusoidal), then dropout.
+
+    With rotary positions there is nothing to add here: the blocks rotate queries and keys.
+    Under sequence parallelism the embeddings arrive as this rank's chunk of the sequence, and
+    the positions are those of the chunk.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
+        super().__init__()
+        self.kind, self.d_model, self.max_seq_len = cfg.pos, cfg.d_model, cfg.max_seq_len
+        self.tp = tp or TPGroup.single()
+        if cfg.pos == "learned":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        elif cfg.pos == "sinusoidal":
+            # Not persistent: it is a function of the config, so checkpoints need not carry it.
+            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        start = 0
+        if self.tp.sequence_parallel:
+            start, T = self.tp.rank * T, T * self.tp.size
+        if T > self.max_seq_len:
+            raise ValueError(f"input has {T} tokens, more than model.max_seq_len={self.max_seq_len}")
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        if self.kind == "learned":
+            x = x + F.embedding(positions, _replicated(self.pos_emb.weight, self.tp))
+        elif self.kind == "sinusoidal":
+            # The table has unit amplitude while embeddings start at init_std; the paper scales
+            # embeddings by sqrt(d_model) (section 3.4) so positions do not drown the tokens.
+            x = x * math.sqrt(self.d_model) + self.pos_table[positions].to(x.dtype)
+        return self.emb_dropout(x)
+
+
+class Head(nn.Module):
+    """The final norm, and the LM head when it is not the token table (tied heads live there)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, with_projection: bool):
+        super().__init__()
+        self.norm_f = make_norm(cfg, tp)
+        if with_projection:
+            # Column-parallel over the vocabulary: each rank computes its slice of the logits.
+            self.lm_head = column_linear(cfg.d_model, cfg.vocab_size, False, tp)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm_f(x)
+        return self.lm_head(enter_tp_region(x, self.tp)) if hasattr(self, "lm_head") else x
 
 
 # --------------------------------------------------------------------------- model
@@ -224,92 +405,72 @@ def _check(cfg: ModelConfig) -> None:
         raise ValueError(f"model.pos=rope needs an even head size; d_model/n_heads = {cfg.d_model // cfg.n_heads}")
 
 
-class Transformer(nn.Module):
-    """``model(tokens, targets)`` -> mean cross-entropy (float32); ``model(tokens)`` -> logits."""
+def rotary_for(cfg: ModelConfig) -> RotaryCache | None:
+    return RotaryCache(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta) if cfg.pos == "rope" else None
 
-    def __init__(self, cfg: ModelConfig):
+
+class Transformer(nn.Module):
+    """``model(tokens, targets)`` -> mean cross-entropy (float32); ``model(tokens)`` -> logits.
+
+    ``tp``: the tensor-parallel group (none: one rank holds everything); logits are then this
+    rank's vocabulary slice. ``seed``: weights are a function of it and each parameter's name
+    (None draws it from torch's global generator, so ``torch.manual_seed`` still decides).
+    ``checkpoint_activations``: recompute each block in the backward pass.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None, seed: int | None = None,
+                 rng: TPRandom | None = None, checkpoint_activations: bool = False):
         super().__init__()
         _check(cfg)
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if cfg.pos == "learned":
-            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        elif cfg.pos == "sinusoidal":
-            # Not persistent: it is a function of the config, so checkpoints need not carry it.
-            self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
-        else:
-            cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            # One tensor serves as input table and output projection (Press & Wolf 2017).
-            self.lm_head.weight = self.tok_emb.weight
-        self.reset_parameters()
+        self.tp = tp or TPGroup.single()
+        self.checkpoint_activations = checkpoint_activations
+        # These state-dict names (tok_emb, positions.pos_emb, blocks.N, head.norm_f, head.lm_head)
+        # are the canonical ones that checkpoints of every layout are consolidated to.
+        self.tok_emb = token_embedding(cfg, self.tp)
+        self.positions = Positions(cfg, self.tp)
+        rotary = rotary_for(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, self.tp, rotary, rng) for _ in range(cfg.n_layers))
+        self.head = Head(cfg, self.tp, with_projection=not cfg.tie_embeddings)
+        self.reset_parameters(seed)
 
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights, zero biases, unit norms; residual outputs scaled down.
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The output projection: the token table when tied (Press & Wolf 2017)."""
+        return self.tok_emb.weight if self.cfg.tie_embeddings else self.head.lm_head.weight
 
-        Each block adds two outputs to the residual stream, so its variance grows with depth;
-        GPT-2 scales the init of the layers that write into it by 1/sqrt(2 * n_layers).
-        """
-        std = self.cfg.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        scaled = std / math.sqrt(2 * self.cfg.n_layers)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.o_proj.weight, mean=0.0, std=scaled)
-            nn.init.normal_(block.mlp.down_proj.weight, mean=0.0, std=scaled)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialise every weight from (seed, its canonical name); see :mod:`distlm.model.init`."""
+        if self.tok_emb.weight.is_meta:  # a model built only to be counted
+            return
+        # The Transformer's own names are the canonical ones (pipeline stages map theirs to these).
+        init_weights(self, self.cfg, seed_from_torch() if seed is None else seed, lambda name: name)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        B, T = tokens.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"input has {T} tokens, more than model.max_seq_len={self.cfg.max_seq_len}")
-        x = self.tok_emb(tokens)
-        rope = None
-        if self.cfg.pos == "learned":
-            x = x + self.pos_emb(torch.arange(T, device=tokens.device))
-        elif self.cfg.pos == "sinusoidal":
-            # The table has unit amplitude while embeddings start at init_std; the paper scales
-            # embeddings by sqrt(d_model) (section 3.4) so positions do not drown the tokens.
-            x = x * math.sqrt(self.cfg.d_model) + self.pos_table[:T].to(x.dtype)
-        else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
-        x = self.emb_dropout(x)
+        x = self.positions(self.tok_emb(tokens))
         for block in self.blocks:
-            x = block(x, rope)
-        logits = self.lm_head(self.norm_f(x))
+            if self.checkpoint_activations and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.head(x)
+        logits = tied_logits(x, self.tok_emb, self.tp) if self.cfg.tie_embeddings else x
         if targets is None:
             return logits
-        # float32 for the softmax over a large vocabulary, whatever the model's dtype.
-        # Positions whose target is -100 (rows the loader skipped as damaged) are left out of
-        # the mean; a micro-batch with none left gives 0 and no gradient, not NaN.
-        targets = targets.reshape(-1)
-        total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets, ignore_index=-100,
-                                reduction="sum")
-        return total / (targets != -100).sum().clamp(min=1)
+        return lm_loss(logits, targets, self.tp)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; non_embedding leaves out the token and position tables (Kaplan et al.).
 
         A tied LM head is the token table, so it is counted once, or not at all; an untied
-        head is a projection like any other and is counted.
+        head is a projection like any other and is counted. Under tensor parallelism this is
+        this rank's share (sharded tensors in part, replicated ones in full).
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
         if non_embedding:
             n -= self.tok_emb.weight.numel()
             if self.cfg.pos == "learned":
-                n -= self.pos_emb.weight.numel()
+                n -= self.positions.pos_emb.weight.numel()
         return n
 
 
@@ -321,10 +482,10 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bo
     are decayed by default, as in GPT-2 and nanoGPT (whose published results assume it);
     ``decay_embeddings=False`` exempts them (rare tokens' rows are updated seldom, and some
     recipes keep decay from erasing them). A tied LM head is the token table and follows it.
-    The test is "at least 2-D" rather than "is nn.Linear", so linears that tensor parallelism
-    swaps in are still decayed.
+    The test is "at least 2-D" rather than "is nn.Linear", so the tensor-parallel linears are
+    still decayed.
     """
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, VocabParallelEmbedding))}
     decay, no_decay = [], []
     for p in model.parameters():  # each shared tensor once
         if not p.requires_grad:
