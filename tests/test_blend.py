@@ -226,12 +226,12 @@ def test_skipped_rows_carry_no_weight_in_the_step():
     import torch
 
     from distlm.data.stream import MicroBatch
-    from distlm.train.step import _valid_token_weights
+    from distlm.train.step import valid_token_weights
 
     x = torch.zeros(4, 8, dtype=torch.int64)
     clean = MicroBatch(x, x, None)
-    assert _valid_token_weights([clean, clean]) == [1.0, 1.0]
+    assert valid_token_weights([clean, clean]) == [1.0, 1.0]
     half = MicroBatch(x, x, {"rows_skipped": 2})
     full = MicroBatch(x, x, {"rows_skipped": 4})
     # 4 + 2 + 0 valid rows over 3 micro-batches: the step's loss is the mean over those 6 rows.
-    assert _valid_token_weights([clean, half, full]) == [2.0, 1.0, 0.0]
+    assert valid_token_weights([clean, half, full]) == [2.0, 1.0, 0.0]

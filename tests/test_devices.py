@@ -70,9 +70,14 @@ def test_deepspeed_config_follows_distlm_config_and_passthrough():
                              "deepspeed.zero_optimization.overlap_comm=true"])
     ds = deepspeed_config(cfg, batch_layout(cfg, 2))
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    # reduce each gradient slice to its owner, not all-reduce everything (1.5x the bytes)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "use_multi_rank_bucket_allreduce": False}
     assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 0.5
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 gradients summed in fp32
-    # plain fp32 data parallel: distlm clips (and measures) itself, DeepSpeed must not clip twice
+    # plain fp32: DeepSpeed clips at the step, through distlm's clip_fp32_gradients (engine.py)
     plain = load_config(None, ["data.path=x", "optim.grad_clip=0.5"])
-    assert deepspeed_config(plain, batch_layout(plain, 1))["gradient_clipping"] == 0.0
+    assert deepspeed_config(plain, batch_layout(plain, 1))["gradient_clipping"] == 0.5
+    assert "pipeline" not in deepspeed_config(plain, batch_layout(plain, 1))
+    piped = load_config(None, ["data.path=x", "parallel.pp=2", "parallel.tp=2", "parallel.sequence_parallel=true"])
+    assert deepspeed_config(piped, batch_layout(piped, 8))["pipeline"] == {"pipe_partitioned": False,
+                                                                          "grad_partitioned": False}

@@ -5,6 +5,7 @@ Layout of one checkpoint::
     CKPT_DIR/latest                  the newest committed tag, e.g. "step-00000100"
     CKPT_DIR/step-00000100/          DeepSpeed's model / optimizer / ZeRO shards
         distlm-rank00000.pt          this rank's RNG states (torch.load(weights_only=True))
+        model-stage00-tp00.pt        the weights by canonical name, one file per (stage, tp rank)
         distlm.json                  step, data position, counters, config; written last
 
 ``distlm.json`` is the commit marker: a folder without it is an interrupted save and is never
@@ -79,8 +80,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, ckpt_dir: str | os.PathLike, state: TrainState, config: dict, ctx: DistContext,
-         keep_last: int = 0, log: Callable[[str], None] = print) -> Path:
-    """Save on every rank (a collective call); return the checkpoint folder."""
+         keep_last: int = 0, log: Callable[[str], None] = print,
+         write_model_files: Optional[Callable[[Path], None]] = None, tp_rng=None) -> Path:
+    """Save on every rank (a collective call); return the checkpoint folder.
+
+    ``write_model_files(folder)``: called on every rank after DeepSpeed's files, before the
+    marker (see :mod:`distlm.checkpoint.consolidate`). ``tp_rng``: the tensor-parallel dropout
+    stream (``TPRandom``), saved with this rank's other random states.
+    """
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(state.step)
     path = ckpt_dir / tag
@@ -91,7 +98,10 @@ def save(engine, ckpt_dir: str | os.PathLike, state: TrainState, config: dict, c
         shutil.rmtree(path)
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    torch.save(rng_state(), path / f"distlm-rank{ctx.rank:05d}.pt")
+    torch.save({**rng_state(), **({"tp": tp_rng.state_dict()} if tp_rng is not None else {})},
+               path / f"distlm-rank{ctx.rank:05d}.pt")
+    if write_model_files is not None:
+        write_model_files(path)
     barrier()  # every rank's files are on disk before the marker says the folder is whole
     if ctx.is_main:
         marker = {"step": state.step, "state": asdict(state), "world_size": ctx.world_size,
@@ -161,7 +171,8 @@ def find_resume(resume: str, ckpt_dir: str | os.PathLike, log: Callable[[str], N
 
 # Keys whose change makes a checkpoint unusable (the weights or their partitioning would not fit)
 # or the run not the one that was saved (the data order); the rest may change on resume.
-_MUST_MATCH = ("model.", "train.seq_len", "parallel.")
+_MUST_MATCH = ("model.", "train.seq_len", "parallel.tp", "parallel.pp", "parallel.zero_stage",
+               "parallel.pipeline_partition")  # sequence_parallel and recomputation may change
 _WARN_IF_CHANGED = ("data.path", "data.seed", "data.shuffle_blocks", "train.batch_size", "train.seed")
 
 
@@ -199,7 +210,7 @@ def check_compatible(path: Path, config: dict, log: Callable[[str], None] = prin
             f"optim.decay_steps explicitly from the start")
 
 
-def load(engine, path: Path, ctx: DistContext, log: Callable[[str], None] = print) -> TrainState:
+def load(engine, path: Path, ctx: DistContext, log: Callable[[str], None] = print, tp_rng=None) -> TrainState:
     """Restore the engine and RNG on every rank; return the loop's state."""
     marker = json.loads((path / MARKER).read_text())
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
@@ -208,7 +219,10 @@ def load(engine, path: Path, ctx: DistContext, log: Callable[[str], None] = prin
         raise CheckpointError(f"DeepSpeed could not load {path}")
     rng_file = path / f"distlm-rank{ctx.rank:05d}.pt"
     if marker.get("world_size") == ctx.world_size and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        saved = torch.load(rng_file, weights_only=True)
+        set_rng_state(saved)
+        if tp_rng is not None and "tp" in saved:
+            tp_rng.load_state_dict(saved["tp"])
     elif ctx.is_main:
         log(f"NOTE: {path} was saved by {marker.get('world_size')} ranks and is loaded by "
             f"{ctx.world_size}; random states start afresh (data order is unaffected)")

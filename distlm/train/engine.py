@@ -9,6 +9,7 @@ The learning rate is set by the loop each step from a pure function of the step
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 
 import torch
@@ -22,8 +23,13 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
         "train_batch_size": layout.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": 0.0 if distlm_clips(cfg) else cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            # ZeRO 1/2 otherwise all-reduce every gradient and keep their slice: 1.5x the bytes
+            # of reducing each slice to its owner (benchmarks/README.md, communication).
+            **({"use_multi_rank_bucket_allreduce": False} if cfg.parallel.zero_stage in (1, 2) else {}),
+        },
         # Our optimizer is torch's AdamW, which ZeRO handles correctly but does not list.
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.train.precision == "bf16"},
@@ -32,22 +38,16 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
         # accumulation with ZeRO only; bf16 with ZeRO 0 accumulates in bf16 (prefer ZeRO 1+).
         **({"data_types": {"grad_accum_dtype": "fp32"}}
            if cfg.train.precision == "bf16" and cfg.parallel.zero_stage >= 1 else {}),
+        # Between pipeline stages DeepSpeed sends each tp rank's 1/tp of the (replicated)
+        # activation and re-gathers it on the receiving stage. Sequence-parallel activations are
+        # already split over tp: sent as they are.
+        **({"pipeline": {"pipe_partitioned": not cfg.parallel.sequence_parallel,
+                         "grad_partitioned": not cfg.parallel.sequence_parallel}} if cfg.parallel.pp > 1 else {}),
         # distlm prints its own log line; keep DeepSpeed's per-step prints out of the logs.
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
     return _deep_merge(ds, cfg.deepspeed)
-
-
-def distlm_clips(cfg: Config) -> bool:
-    """Whether the step clips gradients itself instead of DeepSpeed.
-
-    For plain fp32 data parallel (ZeRO 0) DeepSpeed clips with a per-tensor Python loop and
-    keeps no norm; torch's ``clip_grad_norm_`` is a foreach kernel and returns the norm, which
-    the log line wants anyway. ZeRO and mixed precision clip their own partitions and record
-    the norm, so DeepSpeed keeps that job there.
-    """
-    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -73,18 +73,31 @@ def build_optimizer(param_groups: list[dict], cfg: Config, device: torch.device)
 
 
 def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config, layout: BatchLayout,
-                 device: torch.device):
-    """Return the DeepSpeed engine (model, optimizer, accumulation and clipping in one object)."""
+                 device: torch.device, mpu=None):
+    """Return the DeepSpeed engine (model, optimizer, accumulation and clipping in one object).
+
+    ``mpu``: the parallel groups when tp > 1 (a PipelineModule brings its own).
+    """
     import deepspeed
 
     optimizer = build_optimizer(param_groups, cfg, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg, layout))
     if layout.dp == 1 and cfg.parallel.zero_stage == 0:
-        # Nothing to average in a world of one, but DeepSpeed would still flatten, all-reduce
-        # and copy back every gradient each step (about 5% of a small model's step time).
+        # Nothing to average without data parallelism, but DeepSpeed would still flatten,
+        # all-reduce and copy back every gradient each step (about 5% of a small model's step).
         engine.enable_backward_allreduce = False
+    if cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32":
+        # Plain fp32 is the one path where DeepSpeed clips with a per-tensor loop and keeps no
+        # norm. It calls engine.clip_fp32_gradients() at the step; ours is a foreach kernel
+        # that also records the norm for the log line, counting tensor-parallel slices and
+        # pipeline stages once each.
+        engine.clip_fp32_gradients = functools.partial(_clip_and_record, engine)
     return engine
+
+
+def _clip_and_record(engine) -> None:
+    engine._global_grad_norm = clip_gradients(engine.module, engine.gradient_clipping(), engine.mpu)
 
 
 def set_learning_rate(engine, lr: float) -> None:
@@ -98,6 +111,28 @@ def global_grad_norm(engine) -> float:
     return float(norm) if norm is not None else float("nan")
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the full (already averaged) gradients to ``max_norm`` (0: no clipping); return the norm."""
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+@torch.no_grad()
+def clip_gradients(model: torch.nn.Module, max_norm: float, mpu=None) -> torch.Tensor:
+    """Clip the (already averaged) gradients to global norm ``max_norm`` (0: no clipping); return the norm.
+
+    The norm is over the whole model: a tensor-parallel slice counts on every rank that holds
+    one, a replicated tensor on tp rank 0 only, a pipeline-replicated (tied) copy not at all,
+    and the squares are summed over the model-parallel group (``mpu``; None: one rank).
+    """
+    grads = []
+    tp_rank = mpu.get_tensor_model_parallel_rank() if mpu is not None else 0
+    for p in model.parameters():
+        if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+            continue
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            grads.append(p.grad)
+    squares = torch.stack([n.float() ** 2 for n in torch._foreach_norm(grads)]).sum() if grads else None
+    if squares is None:
+        squares = torch.zeros((), device=next(model.parameters()).device)
+    if mpu is not None and mpu.get_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(squares, group=mpu.get_model_parallel_group())
+    norm = squares.sqrt()
+    if max_norm > 0:
+        all_grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch._foreach_mul_(all_grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(all_grads[0].dtype))
+    return norm

@@ -14,17 +14,20 @@ import torch
 from distlm.config import BatchLayout, Config
 from distlm.parallel.distributed import DistContext, all_reduce_sum
 from distlm.train.data import DataCounters, val_stream
+from distlm.train.step import is_pipeline, pipeline_feed, valid_token_weights
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: Config, layout: BatchLayout, ctx: DistContext, split: str = "val",
+def evaluate(engine, cfg: Config, layout: BatchLayout, ctx: DistContext, dp_rank: int, split: str = "val",
              data_errors: Optional[DataCounters] = None) -> tuple[float, int]:
     """Return (mean validation loss, global batches). Always the same rows, in file order.
 
     The mean is over the rows read, all ranks together; rows skipped as damaged (with
     data.on_error=skip) count for nothing, and are reported to ``data_errors``.
     """
-    stream = val_stream(cfg, layout, ctx.rank, split)
+    stream = val_stream(cfg, layout, dp_rank, split)
+    if is_pipeline(engine):
+        return _evaluate_pipeline(engine, cfg, layout, ctx, stream, data_errors), cfg.train.eval_iters
     micro_batches = cfg.train.eval_iters * layout.grad_accum
     engine.eval()
     # [sum of per-row losses, rows]: a micro-batch's mean loss times its valid rows.
@@ -38,5 +41,26 @@ def evaluate(engine, cfg: Config, layout: BatchLayout, ctx: DistContext, split: 
         loss = engine(tokens.to(ctx.device), targets.to(ctx.device)).double()
         total += torch.stack([loss * rows, torch.tensor(float(rows), dtype=torch.float64, device=ctx.device)])
     engine.train()
+    # With tensor parallelism every rank of a replica holds the replica's loss: the tp copies
+    # cancel in the ratio.
     loss_sum, rows = all_reduce_sum(total).tolist()
     return loss_sum / max(rows, 1.0), cfg.train.eval_iters
+
+
+def _evaluate_pipeline(engine, cfg: Config, layout: BatchLayout, ctx: DistContext, stream,
+                       data_errors: Optional[DataCounters]) -> float:
+    """The pipeline engine evaluates a global batch per call and returns its mean, on every rank.
+
+    Within a batch each micro-batch's loss is weighted by its valid rows, as in training; the
+    batches count equally (they differ only when damaged rows were skipped).
+    """
+    batches = iter(stream)
+    losses = []
+    for _ in range(cfg.train.eval_iters):
+        micro_batches = [next(batches) for _ in range(layout.grad_accum)]
+        if data_errors is not None:
+            for micro in micro_batches:
+                data_errors.add(micro.errors)
+        feed = pipeline_feed(micro_batches, valid_token_weights(micro_batches), ctx.device)
+        losses.append(float(engine.eval_batch(feed, num_micro_batches=layout.grad_accum)))
+    return sum(losses) / len(losses)

@@ -19,11 +19,20 @@ from distlm.data import load_manifest, make_loader
 from distlm.data.shards import ShardError
 from distlm.metrics.logger import RunLog
 from distlm.metrics.mfu import device_peak_flops, mfu
-from distlm.model import Transformer, flops_per_token, matmul_params, parameter_groups
+from distlm.model import flops_per_token, matmul_params, parameter_groups
 from distlm.parallel.distributed import all_reduce_mean, init_distributed
-from distlm.train.engine import build_engine, distlm_clips, set_learning_rate
+from distlm.parallel.layout import Layout, ParallelGroups, ranks_per_node_from_env
+from distlm.train.engine import build_engine, set_learning_rate
 from distlm.train.data import DataCounters, DataDigest, data_state, resume_plan, train_stream
 from distlm.train.evaluate import evaluate
+from distlm.train.layout_report import LayoutReport
+from distlm.train.parallelize import (
+    build_model,
+    check_model_fits,
+    full_model_params,
+    model_files_writer,
+    seed_random,
+)
 from distlm.train.resources import memory_bytes
 from distlm.train.schedule import learning_rate
 from distlm.train.step import train_step
@@ -63,29 +72,34 @@ def resolve_from_data(cfg: Config) -> tuple[Config, bool]:
 def train(cfg: Config) -> dict:
     """Train until ``train.max_steps``; return the last logged metrics (rank 0) for callers."""
     world_size = world_size_from_env()
-    layout = validate(cfg, world_size)  # before any process group starts
+    batch = validate(cfg, world_size)  # before any process group starts
     cfg, has_val = resolve_from_data(cfg)
+    layout = Layout.for_world(cfg.parallel.tp, cfg.parallel.pp, world_size, ranks_per_node_from_env())
+    check_model_fits(cfg, layout)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     ctx = init_distributed(cfg.train.device, expected_world_size=world_size)
+    groups = ParallelGroups(layout, ctx.rank)
     run_dir = Path(cfg.run.dir)
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     log = RunLog(run_dir, cfg.train.max_steps, enabled=ctx.is_main)
 
-    # Same initial weights on every rank; then a different dropout stream per rank.
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    # Counted before DeepSpeed wraps the model: ZeRO-3 leaves each rank only a partition.
-    n_params = model.num_params(non_embedding=True)
+    rng = seed_random(cfg.train.seed, groups, ctx.device)
+    model = build_model(cfg, groups, rng)
+    n_params = full_model_params(cfg)
+    report = LayoutReport(cfg, groups, batch, model, log.info)  # before ZeRO-3 partitions the weights
     engine = build_engine(model, parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings),
-                          cfg, layout, ctx.device)
-    torch.manual_seed(cfg.train.seed + ctx.rank)
+                          cfg, batch, ctx.device, groups.mpu)
+    # One replica's first rank reads for the digest and the damaged-row counts: the other tp
+    # ranks and stages of the replica read the same rows, and must not count them again.
+    counts_data = groups.coords.tp_rank == 0 and groups.coords.stage == 0
+    write_model_files = model_files_writer(model, cfg, groups)
 
     state = TrainState()
     resume_from = checkpoint.find_resume(cfg.train.resume, ckpt_dir, log.info)
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, to_dict(cfg), log.info)
-        state = checkpoint.load(engine, resume_from, ctx, log.info)
+        state = checkpoint.load(engine, resume_from, ctx, log.info, tp_rng=rng)
         dropped = log.truncate_after(state.step)
         log.info(f"resumed from {resume_from} at step {state.step}"
                  + (f" ({dropped} metrics rows after it dropped)" if dropped else ""))
@@ -99,25 +113,25 @@ def train(cfg: Config) -> dict:
         log.info("the data has no validation split: evaluation is skipped (prepare with --val-fraction > 0 "
                  "to get one; with data.sources every source needs one)")
 
-    tokens_per_step = layout.global_batch * cfg.train.seq_len
+    tokens_per_step = batch.global_batch * cfg.train.seq_len
     flops = flops_per_token(cfg.model, cfg.train.seq_len, matmul_params(cfg.model, n_params))
     peak = cfg.train.peak_flops or device_peak_flops(ctx.device, cfg.train.precision)
     log.info(f"model {n_params / 1e6:.2f}M non-embedding parameters, {flops / 1e6:.1f} MFLOP/token | "
-             f"world {ctx.world_size} x micro-batch {layout.micro_batch_size} x accumulation "
-             f"{layout.grad_accum} = {layout.global_batch} sequences of {cfg.train.seq_len} | "
-             f"ZeRO {cfg.parallel.zero_stage} | {cfg.train.precision} on {ctx.device.type}")
+             f"dp {batch.dp} x micro-batch {batch.micro_batch_size} x accumulation "
+             f"{batch.grad_accum} = {batch.global_batch} sequences of {cfg.train.seq_len} | "
+             f"{layout.describe()} | ZeRO {cfg.parallel.zero_stage} | {cfg.train.precision} on {ctx.device.type}")
 
-    stream = train_stream(cfg, layout, ctx.rank, state.rows_consumed,
+    stream = train_stream(cfg, batch, groups.coords.dp_rank, state.rows_consumed,
                           resume_plan(cfg, state.data, state.rows_consumed, log.info),
                           contiguous=ctx.device.type == "cuda")
     data_errors = DataCounters(state.data.get("errors"), log.info)
     digest = DataDigest(cfg.train.seq_len)
-    clip_here = distlm_clips(cfg)
     batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=ctx.device.type == "cuda"))
 
     last = {}
     interval = _Interval()
     started = time.perf_counter() - state.elapsed_s
+    first_step = state.step
     while state.step < cfg.train.max_steps:
         step = state.step
         lr = learning_rate(step, cfg.optim, cfg.train.max_steps)
@@ -128,16 +142,17 @@ def train(cfg: Config) -> dict:
         evaluating_now = has_val and (final or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0))
 
         wait_start = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(layout.grad_accum)]
+        micro_batches = [next(batches) for _ in range(batch.grad_accum)]
         interval.data_s += time.perf_counter() - wait_start
-        for batch in micro_batches:
-            data_errors.add(batch.errors)
-            digest.add(batch.targets)
-        result = train_step(engine, micro_batches, ctx.device, clip_here, cfg.optim.grad_clip,
-                            want_grad_norm=logging_now)
+        if counts_data:
+            for micro in micro_batches:
+                data_errors.add(micro.errors)
+                digest.add(micro.targets)
+        with report.around_step(step - first_step, engine):  # memory after the first, bytes of the second
+            result = train_step(engine, micro_batches, ctx.device, want_grad_norm=logging_now)
 
         state.step += 1
-        state.rows_consumed += layout.global_batch
+        state.rows_consumed += batch.global_batch
         state.tokens_seen += tokens_per_step
         interval.steps += 1
 
@@ -166,10 +181,12 @@ def train(cfg: Config) -> dict:
             interval = _Interval()
         if saving_now:  # before evaluating: a failing evaluation must not cost the checkpoint
             state.elapsed_s = time.perf_counter() - started
-            checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), ctx, cfg.checkpoint.keep_last, log.info)
+            checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), ctx, cfg.checkpoint.keep_last, log.info,
+                            write_model_files, tp_rng=rng)
             digest.restart()  # a run resumed from here starts its first interval here too
         if evaluating_now:
-            val_loss, n = evaluate(engine, cfg, layout, ctx, data_errors=data_errors)
+            val_loss, n = evaluate(engine, cfg, batch, ctx, groups.coords.dp_rank,
+                                   data_errors=data_errors if counts_data else None)
             log.eval({"step": state.step, "val_loss": val_loss, "val_batches": n,
                       "elapsed_s": time.perf_counter() - started})
             last["val_loss"] = val_loss

@@ -1,4 +1,9 @@
-"""One optimizer step: forward and backward over the micro-batches, then the update."""
+"""One optimizer step: forward and backward over the micro-batches, then the update.
+
+Two engines: DeepSpeed's plain engine (pp = 1), driven micro-batch by micro-batch here, and
+its pipeline engine (pp > 1), which runs the whole 1F1B schedule of a step in ``train_batch``.
+Both see the same micro-batches with the same loss weights, so both compute the same step.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distlm.train.engine import clip_gradients, global_grad_norm
+from distlm.train.engine import global_grad_norm
 
 
 @dataclass
@@ -15,35 +20,45 @@ class StepResult:
     grad_norm: float     # before clipping; NaN when not asked for
 
 
-def train_step(engine, micro_batches: list, device: torch.device, clip_here: bool, max_norm: float,
-               want_grad_norm: bool) -> StepResult:
-    """DeepSpeed scales each micro-batch's loss by 1/accumulation and steps on the last one.
+def train_step(engine, micro_batches: list, device: torch.device, want_grad_norm: bool) -> StepResult:
+    """DeepSpeed scales each micro-batch's loss by 1/accumulation, clips and steps on the last one.
 
-    ``clip_here``: clip (and measure) the gradients here, after DeepSpeed averaged them and
-    before its optimizer step (see ``engine.distlm_clips``); otherwise DeepSpeed clips.
     Rows the loader skipped as damaged (targets all -100) carry no weight: each micro-batch's
     mean loss is weighted by its share of this rank's valid tokens, which is 1 when none is
     skipped, so the step is the mean over the valid tokens and not a mean of micro-batch means.
     """
-    weights = _valid_token_weights(micro_batches)
-    losses = []
-    norm = None
+    weights = valid_token_weights(micro_batches)
+    if is_pipeline(engine):
+        loss = engine.train_batch(data_iter=pipeline_feed(micro_batches, weights, device))
+    else:
+        losses = []
+        for (tokens, targets, *_), weight in zip(micro_batches, weights):
+            tokens = tokens.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            mb_loss = engine(tokens, targets)
+            engine.backward(mb_loss * weight if weight != 1.0 else mb_loss)
+            engine.step()
+            losses.append(mb_loss.detach() * weight)
+        loss = torch.stack(losses).float().mean()
+    grad_norm = global_grad_norm(engine) if want_grad_norm else float("nan")  # a host sync: logged steps only
+    return StepResult(loss=loss.float(), grad_norm=grad_norm)
+
+
+def is_pipeline(engine) -> bool:
+    return hasattr(engine, "train_batch")  # only DeepSpeed's PipelineEngine has it
+
+
+def pipeline_feed(micro_batches: list, weights: list[float], device: torch.device):
+    """What DeepSpeed's pipeline engine reads: (inputs, (targets, loss weight)) per micro-batch.
+
+    The weight rides with the labels to the last stage, where ``PipelineLoss`` applies it.
+    """
     for (tokens, targets, *_), weight in zip(micro_batches, weights):
-        tokens = tokens.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        loss = engine(tokens, targets)
-        engine.backward(loss * weight if weight != 1.0 else loss)
-        if clip_here and engine.is_gradient_accumulation_boundary():
-            norm = clip_gradients(engine.module, max_norm)
-        engine.step()
-        losses.append(loss.detach() * weight)
-    grad_norm = float("nan")
-    if want_grad_norm:  # a host sync: only on logged steps
-        grad_norm = float(norm) if norm is not None else global_grad_norm(engine)
-    return StepResult(loss=torch.stack(losses).float().mean(), grad_norm=grad_norm)
+        yield (tokens.to(device, non_blocking=True),
+               (targets.to(device, non_blocking=True), torch.tensor(weight, dtype=torch.float32, device=device)))
 
 
-def _valid_token_weights(micro_batches: list) -> list[float]:
+def valid_token_weights(micro_batches: list) -> list[float]:
     """``n * valid_i / sum(valid)`` per micro-batch, from the rows the loader reports skipped."""
     valid = [(len(b[1]) - ((b[2] or {}).get("rows_skipped", 0) if len(b) > 2 else 0)) for b in micro_batches]
     total = sum(valid)
