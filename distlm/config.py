@@ -378,9 +378,6 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
          f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine supports "
          f"ZeRO stage 0 or 1 only (stage 2 and 3 partition gradients and weights across the micro-batches the "
          f"pipeline interleaves). Use parallel.zero_stage=1, or pp=1 for ZeRO 2/3")
-    need(not (p.activation_checkpointing and p.tp > 1 and m.dropout > 0),
-         "parallel.activation_checkpointing with parallel.tp > 1 needs model.dropout=0: the recomputed "
-         "attention dropout would not replay the tensor-parallel random stream")
     try:
         Layout.for_world(p.tp, p.pp, world_size, ranks_per_node_from_env())
     except LayoutError as e:

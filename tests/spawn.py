@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -27,7 +28,9 @@ def _child(fn: Callable, rank: int, world_size: int, store_file: str, args: tupl
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world_size)
         try:
-            results.put((rank, "ok", fn(rank, world_size, *args)))
+            # Plain pickle: a tensor put on the queue as is would travel as a shared-memory handle
+            # that dies with this process, which may exit before the parent reads it.
+            results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
         finally:
             dist.destroy_process_group()
     except BaseException:  # report everything, including SystemExit, to the parent
@@ -53,7 +56,7 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.
                     raise AssertionError(f"ranks {missing} gave no result within {timeout} s (hung?)") from None
                 if status == "error":
                     raise AssertionError(f"rank {rank} of {world_size} failed:\n{value}")
-                out[rank] = value
+                out[rank] = pickle.loads(value)
         finally:
             for p in procs:
                 p.join(timeout=5)

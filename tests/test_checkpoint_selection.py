@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distlm.checkpoint.state import (MARKER, CheckpointError, apply_retention, check_compatible, find_resume, rng_state,
+from distlm.checkpoint.state import (FORMAT, MARKER, CheckpointError, apply_retention, check_compatible, find_resume, rng_state,
                                      set_rng_state, tag_for)
 
 
@@ -68,8 +68,8 @@ def test_retention_keeps_the_newest_and_the_protected(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(1), tag_for(3), tag_for(4)]
 
 
-def _marker_with(path, config):
-    (path / MARKER).write_text(json.dumps({"step": 1, "config": config}))
+def _marker_with(path, config, fmt=FORMAT):
+    (path / MARKER).write_text(json.dumps({"format": fmt, "step": 1, "config": config}))
 
 
 def _cfg(d_model=32, seed=1, max_steps=10, decay_steps=None):
@@ -82,6 +82,15 @@ def test_a_different_model_is_refused_naming_the_key(tmp_path):
     _marker_with(path, _cfg(d_model=32))
     with pytest.raises(CheckpointError, match=r"model.d_model: 32 -> 64"):
         check_compatible(path, _cfg(d_model=64))
+
+
+def test_a_checkpoint_of_the_old_format_is_refused_with_what_to_do(tmp_path):
+    path = _make(tmp_path, 1)
+    (path / MARKER).write_text(json.dumps({"step": 1, "config": _cfg()}))  # before "format" existed
+    with pytest.raises(CheckpointError, match="format is 1, not 2.*train.resume=never"):
+        check_compatible(path, _cfg())
+    _marker_with(path, _cfg())
+    check_compatible(path, _cfg())
 
 
 def test_data_order_and_schedule_changes_warn(tmp_path):

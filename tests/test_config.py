@@ -87,7 +87,6 @@ def _valid(*overrides):
     (("parallel.tp=2",), 3, "parallel.tp"),
     (("parallel.tp=2", "parallel.pp=2"), 6, "parallel.tp x parallel.pp"),
     (("parallel.pp=2", "parallel.zero_stage=2"), 2, "ZeRO stage 0 or 1 only"),
-    (("parallel.tp=2", "parallel.activation_checkpointing=true", "model.dropout=0.1"), 2, "model.dropout=0"),
     (("train.batch_size=12",), 5, "train.batch_size=12"),
     (("train.batch_size=12", "train.micro_batch_size=4"), 2, "train.batch_size=12"),
     (("optim.min_lr=0.1", "optim.lr=0.01"), 1, "optim.min_lr"),

@@ -13,14 +13,13 @@ Files are plain dicts of tensors and ints, read with ``torch.load(weights_only=T
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-SHARD_RE = re.compile(r"^model-stage(\d{2})-tp(\d{2})\.pt$")
+SHARD_RE = re.compile(r"^model-stage(\d{2,})-tp(\d{2,})\.pt$")
 
 
 def shard_file(stage: int, tp_rank: int) -> str:
@@ -28,26 +27,30 @@ def shard_file(stage: int, tp_rank: int) -> str:
 
 
 def write_model_shard(folder: Path, named_params: Iterable[tuple[str, torch.nn.Parameter]], stage: int,
-                      tp_rank: int, tp_size: int, writes: bool, zero3: bool = False) -> None:
-    """Collective under ZeRO-3 (its partitions are gathered); otherwise local. ``writes``: this rank saves."""
-    named_params = list(named_params)
-    gather = contextlib.nullcontext()
-    if zero3:
-        import deepspeed
+                      tp_rank: int, tp_size: int, pp: int, writes: bool) -> None:
+    """Write this (stage, tp rank)'s weights; ``writes``: whether this rank saves the file.
 
-        gather = deepspeed.zero.GatheredParameters([p for _, p in named_params], modifier_rank=None)
-    with gather:
-        if not writes:
-            return
-        tensors, sliced = {}, {}
-        for name, p in named_params:
-            if name in tensors:
-                continue  # a tied table seen twice on one stage
-            tensors[name] = p.detach().to("cpu", torch.float32).clone()
+    A collective over the data-parallel group: every dp rank calls it, since the fp32 master
+    weights (ZeRO 1-3, bf16) are assembled from all ranks' partitions one parameter at a time
+    (all at once could need more memory than training). Without a master copy (plain fp32;
+    bf16 without ZeRO) the module's own weights are written.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    tensors, sliced, seen = {}, {}, set()
+    for name, p in named_params:
+        if name in seen:
+            continue  # a tied table seen twice on one stage
+        seen.add(name)
+        master = safe_get_full_fp32_param(p)
+        value = (master if master is not None else p).detach()
+        if writes:
+            tensors[name] = value.to("cpu", torch.float32, copy=True)
             if getattr(p, "tensor_model_parallel", False):
                 sliced[name] = int(p.partition_dim)
-    torch.save({"tensors": tensors, "sliced_dim": sliced, "tp_size": tp_size, "stage": stage, "tp_rank": tp_rank},
-               folder / shard_file(stage, tp_rank))
+    if writes:
+        torch.save({"tensors": tensors, "sliced_dim": sliced, "tp_size": tp_size, "pp": pp, "stage": stage,
+                    "tp_rank": tp_rank}, folder / shard_file(stage, tp_rank))
 
 
 def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -61,11 +64,12 @@ def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     if not shards:
         raise FileNotFoundError(f"{folder} holds no model-stage*-tp*.pt files: it was saved by a distlm older than "
                                 f"the layout-independent model files; resume it on its own layout instead")
-    tp_size = next(iter(shards.values()))["tp_size"]
-    stages = sorted({s for s, _ in shards})
+    first_file = next(iter(shards.values()))
+    tp_size, pp = first_file["tp_size"], first_file["pp"]
+    stages = list(range(pp))
     missing = [(s, t) for s in stages for t in range(tp_size) if (s, t) not in shards]
-    if missing or stages != list(range(len(stages))):
-        raise FileNotFoundError(f"{folder} lacks model files for (stage, tp rank) {missing or 'some stage'}: "
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks the model files of (stage, tp rank) {missing}: "
                                 f"an incomplete copy of the checkpoint")
     full: dict[str, torch.Tensor] = {}
     for stage in stages:

@@ -33,6 +33,9 @@ from distlm.fsutil import atomic_write_text
 from distlm.parallel.distributed import DistContext, barrier
 
 MARKER = "distlm.json"
+# 2: parameters under the names of the tensor-/pipeline-parallel model, plus the model files by
+# canonical name. Version 1 checkpoints name some parameters differently (norm_f, pos_emb).
+FORMAT = 2
 TAG_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -104,7 +107,7 @@ def save(engine, ckpt_dir: str | os.PathLike, state: TrainState, config: dict, c
         write_model_files(path)
     barrier()  # every rank's files are on disk before the marker says the folder is whole
     if ctx.is_main:
-        marker = {"step": state.step, "state": asdict(state), "world_size": ctx.world_size,
+        marker = {"format": FORMAT, "step": state.step, "state": asdict(state), "world_size": ctx.world_size,
                   "saved_at": time.time(), "config": config}
         atomic_write_text(path / MARKER, json.dumps(marker, indent=1))
         atomic_write_text(ckpt_dir / "latest", tag)
@@ -192,7 +195,12 @@ def _decay_horizon(flat: dict) -> int:
 
 def check_compatible(path: Path, config: dict, log: Callable[[str], None] = print) -> None:
     """Refuse a checkpoint whose model or layout differs from the config; warn on data changes."""
-    saved = _flatten(json.loads((path / MARKER).read_text()).get("config", {}))
+    marker = json.loads((path / MARKER).read_text())
+    if marker.get("format", 1) != FORMAT:
+        raise CheckpointError(f"{path} was saved by a distlm whose checkpoint format is {marker.get('format', 1)}, "
+                              f"not {FORMAT} (the parameters of the model were renamed for tensor and pipeline "
+                              f"parallelism); resume it with the distlm that saved it, or set train.resume=never")
+    saved = _flatten(marker.get("config", {}))
     now = _flatten(config)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     fatal = [k for k in changed if k.startswith(_MUST_MATCH)]

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from distlm.config import ModelConfig
+from distlm.parallel.tensor import full_shape
 
 _RESIDUAL_OUTPUTS = ("attn.o_proj.weight", "mlp.down_proj.weight")
 
@@ -35,26 +36,18 @@ def _name_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def full_shape(p: torch.Tensor) -> list[int]:
-    """The shape of the whole tensor a tensor-parallel slice was cut from."""
-    shape = list(p.shape)
-    if getattr(p, "tensor_model_parallel", False):
-        shape[p.partition_dim] *= p.tp_size
-    return shape
-
-
-def initial_value(name: str, shape: list[int], cfg: ModelConfig, seed: int) -> torch.Tensor:
+def initial_value(name: str, shape, cfg: ModelConfig, seed: int) -> torch.Tensor:
     """The full initial value of the parameter with this canonical name (float32, CPU)."""
     leaf = name.rsplit(".", 2)
     if name.endswith(".bias"):
-        return torch.zeros(shape)
+        return torch.zeros(tuple(shape))
     if "norm" in leaf[-2] and name.endswith(".weight"):  # norm1, norm2, norm_f
-        return torch.ones(shape)
+        return torch.ones(tuple(shape))
     std = cfg.init_std
     if name.endswith(_RESIDUAL_OUTPUTS):
         std /= math.sqrt(2 * cfg.n_layers)
     generator = torch.Generator().manual_seed(_name_seed(seed, name))
-    return torch.empty(shape).normal_(0.0, std, generator=generator)
+    return torch.empty(tuple(shape)).normal_(0.0, std, generator=generator)
 
 
 @torch.no_grad()

@@ -21,7 +21,16 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from distlm.config import ModelConfig
 from distlm.model.init import init_weights
-from distlm.model.transformer import Block, Head, Positions, lm_loss, rotary_for, tied_logits, token_embedding
+from distlm.model.transformer import (
+    Block,
+    Head,
+    Positions,
+    lm_loss,
+    recompute_function,
+    rotary_for,
+    tied_logits,
+    token_embedding,
+)
 from distlm.parallel.tensor import TPGroup, TPRandom
 
 _TIED_KEY = "embed"
@@ -60,7 +69,7 @@ def layer_specs(cfg: ModelConfig, tp: TPGroup, rng: TPRandom | None) -> list:
         first = TiedLayerSpec(_TIED_KEY, EmbeddingStage, cfg, tp, tied_weight_attr="tok_emb.weight")
     else:
         first = LayerSpec(EmbeddingStage, cfg, tp)
-    specs = [first, LayerSpec(Positions, cfg, tp)]
+    specs = [first, LayerSpec(Positions, cfg, tp, rng)]
     specs += [LayerSpec(Block, cfg, tp, rotary, rng) for _ in range(cfg.n_layers)]
     specs.append(LayerSpec(Head, cfg, tp, not cfg.tie_embeddings))
     if cfg.tie_embeddings:
@@ -92,17 +101,25 @@ def build_pipeline(cfg: ModelConfig, topology, tp: TPGroup, seed: int, partition
     ``partition``: ``parameters`` balances parameter counts over the stages (the embedding and
     head count as layers too); ``uniform`` gives each stage the same number of blocks.
     """
-    module = PipelineModule(
+    # no_grad: DeepSpeed broadcasts the tied table into the parameter itself while building;
+    # with autograd on, torch records that in-place collective and warns at every backward.
+    with torch.no_grad():
+        module = _pipeline_module(cfg, topology, tp, rng, partition, checkpoint_activations)
+    init_weights(module, cfg, seed, functools.partial(canonical_name, n_layers=cfg.n_layers))
+    return module
+
+
+def _pipeline_module(cfg: ModelConfig, topology, tp: TPGroup, rng: TPRandom | None, partition: str,
+                     checkpoint_activations: bool) -> PipelineModule:
+    return PipelineModule(
         layers=layer_specs(cfg, tp, rng),
         topology=topology,
         loss_fn=PipelineLoss(tp),
         partition_method="type:Block" if partition == "uniform" else "parameters",
         activation_checkpoint_interval=1 if checkpoint_activations else 0,
-        activation_checkpoint_func=functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False),
+        activation_checkpoint_func=recompute_function(rng),
         checkpointable_layers=["Block"],
     )
-    init_weights(module, cfg, seed, functools.partial(canonical_name, n_layers=cfg.n_layers))
-    return module
 
 
 def stage_canonical_names(module: PipelineModule, n_layers: int) -> dict[str, str]:

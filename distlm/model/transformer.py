@@ -19,11 +19,13 @@ so every layout starts from the same model as one process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from distlm.config import ModelConfig
@@ -108,6 +110,16 @@ def _replicated(param: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return copy_to_tp(param, tp) if tp.sequence_parallel else param
 
 
+def sequence_dropout(dropout: nn.Dropout, x: torch.Tensor, tp: TPGroup, rng: TPRandom | None) -> torch.Tensor:
+    """Dropout on the residual stream. Under sequence parallelism each tp rank holds a different
+    chunk of the sequence, so it draws from its own stream; otherwise the activation is
+    replicated and every tp rank must drop the same units (the default stream, seeded alike)."""
+    if tp.sequence_parallel and rng is not None and dropout.training and dropout.p > 0:
+        with rng.fork():
+            return dropout(x)
+    return dropout(x)
+
+
 def make_norm(cfg: ModelConfig, tp: TPGroup | None = None) -> nn.Module:
     # Norms are replicated over tensor-parallel ranks: each sees the full hidden vector.
     if cfg.norm == "layernorm":
@@ -175,14 +187,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # --------------------------------------------------------------------------- parallel pieces
 
 
-def _mark_slices(module: nn.Module, tp: TPGroup) -> nn.Module:
-    # Which slice a parameter is, for layout-independent init and for consolidating checkpoints.
-    for p in module.parameters():
-        if getattr(p, "tensor_model_parallel", False):
-            p.tp_size, p.tp_rank = tp.size, tp.rank
-    return module
-
-
 def column_linear(in_features: int, out_features: int, bias: bool, tp: TPGroup) -> nn.Module:
     """A linear whose outputs split over tp ranks (each computes some heads or some MLP width).
 
@@ -191,20 +195,20 @@ def column_linear(in_features: int, out_features: int, bias: bool, tp: TPGroup) 
     """
     if tp.size == 1:
         return nn.Linear(in_features, out_features, bias=bias)
-    return _mark_slices(ColumnParallelLinear(in_features, out_features, bias=bias, tp=tp, input_entered=True), tp)
+    return ColumnParallelLinear(in_features, out_features, bias=bias, tp=tp, input_entered=True)
 
 
 def row_linear(in_features: int, out_features: int, bias: bool, tp: TPGroup) -> nn.Module:
     """A linear whose inputs split over tp ranks; the partial outputs are summed over the group."""
     if tp.size == 1:
         return nn.Linear(in_features, out_features, bias=bias)
-    return _mark_slices(RowParallelLinear(in_features, out_features, bias=bias, tp=tp), tp)
+    return RowParallelLinear(in_features, out_features, bias=bias, tp=tp)
 
 
 def token_embedding(cfg: ModelConfig, tp: TPGroup) -> nn.Module:
     if tp.size == 1:
         return nn.Embedding(cfg.vocab_size, cfg.d_model)
-    return _mark_slices(VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, tp=tp), tp)
+    return VocabParallelEmbedding(cfg.vocab_size, cfg.d_model, tp=tp)
 
 
 def tied_logits(x: torch.Tensor, embedding: nn.Module, tp: TPGroup) -> torch.Tensor:
@@ -278,15 +282,16 @@ class Attention(nn.Module):
         with self.rng.fork() if (dropout and self.rng is not None) else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, **gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.resid_dropout(self.o_proj(y))
+        return sequence_dropout(self.resid_dropout, self.o_proj(y), self.tp, self.rng)
 
 
 class MLP(nn.Module):
     """GELU MLP (GPT-2) or SwiGLU (Shazeer 2020, Llama): silu(gate(x)) * up(x)."""
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rng: TPRandom | None = None):
         super().__init__()
         hidden = mlp_hidden_size(cfg)
+        self.rng = rng
         self.kind = cfg.mlp
         if cfg.mlp == "swiglu":
             self.gate_proj = column_linear(cfg.d_model, hidden, cfg.bias, tp)
@@ -305,7 +310,7 @@ class MLP(nn.Module):
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             h = self.act(self.up_proj(x))
-        return self.dropout(self.down_proj(h))
+        return sequence_dropout(self.dropout, self.down_proj(h), self.tp, self.rng)
 
 
 class Block(nn.Module):
@@ -318,7 +323,7 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg, tp)
         self.attn = Attention(cfg, tp, rotary, rng)
         self.norm2 = make_norm(cfg, tp)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = MLP(cfg, tp, rng)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -337,10 +342,11 @@ class Positions(nn.Module):
     the positions are those of the chunk.
     """
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None, rng: TPRandom | None = None):
         super().__init__()
         self.kind, self.d_model, self.max_seq_len = cfg.pos, cfg.d_model, cfg.max_seq_len
         self.tp = tp or TPGroup.single()
+        self.rng = rng
         if cfg.pos == "learned":
             self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         elif cfg.pos == "sinusoidal":
@@ -362,7 +368,7 @@ class Positions(nn.Module):
             # The table has unit amplitude while embeddings start at init_std; the paper scales
             # embeddings by sqrt(d_model) (section 3.4) so positions do not drown the tokens.
             x = x * math.sqrt(self.d_model) + self.pos_table[positions].to(x.dtype)
-        return self.emb_dropout(x)
+        return sequence_dropout(self.emb_dropout, x, self.tp, self.rng)
 
 
 class Head(nn.Module):
@@ -405,6 +411,14 @@ def _check(cfg: ModelConfig) -> None:
         raise ValueError(f"model.pos=rope needs an even head size; d_model/n_heads = {cfg.d_model // cfg.n_heads}")
 
 
+def recompute_function(rng: TPRandom | None):
+    """``torch.utils.checkpoint`` set up to replay the tensor-parallel dropout stream too."""
+    if rng is None:
+        return functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+    return functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
+                             context_fn=rng.recompute_context)
+
+
 def rotary_for(cfg: ModelConfig) -> RotaryCache | None:
     return RotaryCache(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta) if cfg.pos == "rope" else None
 
@@ -425,10 +439,11 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tp = tp or TPGroup.single()
         self.checkpoint_activations = checkpoint_activations
+        self.recompute = recompute_function(rng)
         # These state-dict names (tok_emb, positions.pos_emb, blocks.N, head.norm_f, head.lm_head)
         # are the canonical ones that checkpoints of every layout are consolidated to.
         self.tok_emb = token_embedding(cfg, self.tp)
-        self.positions = Positions(cfg, self.tp)
+        self.positions = Positions(cfg, self.tp, rng)
         rotary = rotary_for(cfg)
         self.blocks = nn.ModuleList(Block(cfg, self.tp, rotary, rng) for _ in range(cfg.n_layers))
         self.head = Head(cfg, self.tp, with_projection=not cfg.tie_embeddings)
@@ -450,7 +465,7 @@ class Transformer(nn.Module):
         x = self.positions(self.tok_emb(tokens))
         for block in self.blocks:
             if self.checkpoint_activations and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = self.recompute(block, x)
             else:
                 x = block(x)
         x = self.head(x)

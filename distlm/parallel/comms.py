@@ -509,7 +509,8 @@ def minimum_bytes(*, tp: int, pp: int, dp: int, zero_stage: int, n_layers: int, 
                   vocab_size: int, micro_batch: int, seq_len: int, grad_accum: int,
                   stage_params: list[int], activation_bytes: int, grad_bytes: int, param_bytes: int,
                   sequence_parallel: bool = False, tied_embeddings: bool = True,
-                  activation_checkpointing: bool = False, pipe_partitioned: bool = True) -> CommsModel:
+                  activation_checkpointing: bool = False, pipe_partitioned: bool = True,
+                  persistent_params: list[int] | None = None) -> CommsModel:
     """The wire bytes per optimizer step (``grad_accum`` micro-batches) a layout cannot avoid.
 
     Notation: b = micro_batch, s = seq_len, h = d_model, V = vocab_size,
@@ -523,8 +524,8 @@ def minimum_bytes(*, tp: int, pp: int, dp: int, zero_stage: int, n_layers: int, 
     the n_layers layers between them, so per micro-batch it is dp * [count] * 2(tp-1)*A):
       - per transformer layer: forward 2 all-reduces (after the row-parallel attention output
         and MLP down projections), backward 2 (the input gradients of the column-parallel QKV
-        and MLP up projections) -> 4 per layer; with activation_checkpointing the forward runs
-        again in backward -> 6. With sequence_parallel each all-reduce becomes an all-gather
+        and MLP up projections) -> 4 per layer; with activation_checkpointing the attention's
+        forward all-reduce runs again in backward (the MLP's is not needed) -> 5. With sequence_parallel each all-reduce becomes an all-gather
         plus a reduce-scatter of the same A: the same wire total, so the count is unchanged;
       - + 1: the vocab-parallel embedding's forward all-reduce of its output (first stage);
       - + 1: the backward all-reduce of the LM head's input gradient (last stage; the head is
@@ -547,7 +548,9 @@ def minimum_bytes(*, tp: int, pp: int, dp: int, zero_stage: int, n_layers: int, 
       - ZeRO 3: parameters live only as shards, so each micro-batch gathers them for the
         forward and again for the backward, and reduce-scatters the gradients (stage3 reduces
         in its backward hooks every micro-batch); the step updates shards in place, so no
-        extra all-gather: (dp-1)/dp * grad_accum * (2*P_i + G_i).
+        extra all-gather: (dp-1)/dp * grad_accum * (2*P_i + G_i). Parameters below DeepSpeed's
+        ``stage3_param_persistence_threshold`` (``persistent_params``, per stage) stay whole on
+        every rank and are all-gathered once after the update instead.
 
     PP (pipeline parallelism; pp-1 stage boundaries per replica, dp replicas):
       - per micro-batch and boundary the activation A goes forward and its gradient A back, as
@@ -585,14 +588,17 @@ def minimum_bytes(*, tp: int, pp: int, dp: int, zero_stage: int, n_layers: int, 
     A = float(b * s * h * activation_bytes)
 
     # TP
-    per_mb_allreduces = n_layers * (6 if activation_checkpointing else 4) + 2
+    # Recomputing a block repeats its attention's forward all-reduce (the MLP's input depends on
+    # it) but not the MLP's: the backward never needs the block's output, and torch's
+    # non-reentrant checkpoint stops recomputing once it has what the backward needs.
+    per_mb_allreduces = n_layers * (5 if activation_checkpointing else 4) + 2
     ar_group = 2.0 * (tp - 1)  # an all-reduce of X over one tp group moves 2(tp-1)*X in total
     tp_bytes = dp * grad_accum * ar_group * (per_mb_allreduces * A + 3 * b * s * 4)
 
     # DP
     f = (dp - 1) / dp
     dp_bytes = 0.0
-    for params in stage_params:
+    for stage, params in enumerate(stage_params):
         G, P = float(params) * grad_bytes, float(params) * param_bytes
         if zero_stage == 0:
             per_rank = 2 * f * G
@@ -601,7 +607,11 @@ def minimum_bytes(*, tp: int, pp: int, dp: int, zero_stage: int, n_layers: int, 
         elif zero_stage == 2:
             per_rank = f * (grad_accum * G + P)
         else:
-            per_rank = f * grad_accum * (2 * P + G)
+            # Parameters under DeepSpeed's stage3_param_persistence_threshold stay whole on every
+            # rank: never gathered for a forward or backward, only all-gathered once after the
+            # update, like ZeRO 1.
+            kept = float(persistent_params[stage] if persistent_params else 0) * param_bytes
+            per_rank = f * (grad_accum * (2 * (P - kept) + G) + kept)
         dp_bytes += tp * dp * per_rank
 
     # PP

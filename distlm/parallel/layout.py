@@ -144,6 +144,11 @@ class ParallelGroups:
         return self.grid.get_data_parallel_group()
 
     @property
+    def replica_group(self):
+        """The tp x pp ranks that hold one copy of the model (None: a single rank)."""
+        return self.grid.get_model_parallel_group() if self.layout.tp * self.layout.pp > 1 else None
+
+    @property
     def mpu(self):
         """What ``deepspeed.initialize(mpu=...)`` needs when tp > 1 (pp > 1 brings its own grid)."""
         return self.grid if self.layout.tp > 1 and self.layout.pp == 1 else None

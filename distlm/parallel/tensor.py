@@ -92,6 +92,7 @@ def _mark_sharded(param: nn.Parameter, dim: int, tp: TPGroup) -> None:
     param.partition_dim = dim
     param.partition_stride = 1
     param.tp_size = tp.size
+    param.tp_rank = tp.rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,8 +434,10 @@ class TPRandom:
     :meth:`fork`, which swaps the default generator's state (CPU, or the CUDA device's) for this
     object's and back, so the default stream is untouched. ``seed`` should differ per tp rank.
 
-    Not aware of activation recomputation: a checkpointed region that forks draws new masks when
-    recomputed, since this state is not saved and restored with the default one.
+    Activation recomputation must replay the same masks: pass :meth:`recompute_context` as
+    ``torch.utils.checkpoint``'s ``context_fn``; it saves this stream's state when a region runs
+    forward and restores it while the region is recomputed (torch does the same for the
+    default stream).
     """
 
     def __init__(self, seed: int, device: torch.device):
@@ -474,6 +477,25 @@ class TPRandom:
             self._state = self._get()
             self._set(saved)
             self._forked = False
+
+    def recompute_context(self):
+        """``(forward, recompute)`` contexts for ``torch.utils.checkpoint(..., context_fn=...)``."""
+        saved = {}
+
+        @contextmanager
+        def forward():
+            saved["state"] = self._state.clone()
+            yield
+
+        @contextmanager
+        def recompute():
+            current = self._state
+            self._state = saved["state"].clone()
+            try:
+                yield
+            finally:
+                self._state = current
+        return forward(), recompute()
 
     def state_dict(self) -> dict:
         return {"state": self._state.clone()}

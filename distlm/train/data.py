@@ -21,7 +21,8 @@ from distlm.data.blend import Source
 from distlm.data.stream import TokenStream
 from distlm.parallel.distributed import all_gather_objects, all_reduce_sum
 
-__all__ = ["DataCounters", "DataDigest", "ResumePlan", "data_state", "resume_plan", "train_stream", "val_stream"]
+__all__ = ["DataCounters", "DataDigest", "ResumePlan", "align_skipped_rows", "data_state", "resume_plan",
+           "train_stream", "val_stream"]
 
 
 class ResumePlan:
@@ -107,7 +108,11 @@ class DataCounters:
     the counts do not depend on the layout. Rank 0 logs each damaged shard once.
     """
 
-    def __init__(self, saved: Optional[dict] = None, log: Callable[[str], None] = print) -> None:
+    def __init__(self, saved: Optional[dict] = None, log: Callable[[str], None] = print,
+                 counts_rows: bool = True) -> None:
+        """``counts_rows``: whether this rank's skipped rows count; the other tp ranks and
+        stages of a model replica read the same rows, so only one rank per replica does."""
+        self.counts_rows = counts_rows
         self.totals: Counter = Counter(saved or {})
         self.seen: set[tuple] = set()
         self.new: set[tuple] = set()
@@ -118,7 +123,8 @@ class DataCounters:
     def add(self, errors: Optional[dict]) -> None:
         if errors:
             self.new.update(tuple(e) for e in errors.get("events", ()) if tuple(e) not in self.seen)
-            self.rows_skipped += errors.get("rows_skipped", 0)
+            if self.counts_rows:
+                self.rows_skipped += errors.get("rows_skipped", 0)
 
     def global_totals(self, device: torch.device) -> dict:
         """Totals over all ranks so far (a collective: every rank calls it); only the non-zero kinds."""
@@ -168,3 +174,23 @@ class DataDigest:
         total = all_reduce_sum(torch.tensor([self.value], dtype=torch.int64, device=device))
         self.value = 0
         return int(total.item()) % self.MODULUS
+
+
+def align_skipped_rows(micro_batches: list, group, device: torch.device) -> list:
+    """Mask on every rank of a model replica the rows that any of them skipped as damaged.
+
+    The tp ranks and pipeline stages of one replica read the same rows separately. A block that
+    fails on one reader only (a remote read that gave up on one rank) would otherwise feed the
+    tensor-parallel ranks different tokens, or the last stage targets that do not belong to the
+    first stage's inputs. One small all-reduce (MAX) per step over the replica makes them agree.
+    """
+    skipped = torch.stack([mb.targets.eq(-100).all(dim=1) for mb in micro_batches]).to(device, torch.uint8)
+    torch.distributed.all_reduce(skipped, op=torch.distributed.ReduceOp.MAX, group=group)
+    aligned = []
+    for mb, rows in zip(micro_batches, skipped.bool().cpu()):
+        if rows.any():
+            mb.inputs[rows] = 0
+            mb.targets[rows] = -100
+            mb = mb._replace(errors={**(mb.errors or {}), "rows_skipped": int(rows.sum())})
+        aligned.append(mb)
+    return aligned

@@ -23,7 +23,7 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
         "train_batch_size": layout.global_batch,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip if not plain_fp32(cfg) else (cfg.optim.grad_clip or _MEASURE_ONLY),
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             # ZeRO 1/2 otherwise all-reduce every gradient and keep their slice: 1.5x the bytes
@@ -48,6 +48,17 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
         "wall_clock_breakdown": False,
     }
     return _deep_merge(ds, cfg.deepspeed)
+
+
+# DeepSpeed calls engine.clip_fp32_gradients() only when its gradient_clipping is above 0; with
+# optim.grad_clip=0 distlm still wants the norm for the log line, so DeepSpeed is given this
+# placeholder and distlm's hook clips with the configured value (0: measure only).
+_MEASURE_ONLY = 1.0
+
+
+def plain_fp32(cfg: Config) -> bool:
+    """fp32 without ZeRO: the one path where DeepSpeed leaves clipping to clip_fp32_gradients."""
+    return cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32"
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -87,17 +98,19 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config, 
         # Nothing to average without data parallelism, but DeepSpeed would still flatten,
         # all-reduce and copy back every gradient each step (about 5% of a small model's step).
         engine.enable_backward_allreduce = False
-    if cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32":
+    if layout.dp == 1 and plain_fp32(cfg) and cfg.parallel.pp > 1:
+        engine.pipeline_enable_backward_allreduce = False  # the pipeline engine's own switch
+    if plain_fp32(cfg):
         # Plain fp32 is the one path where DeepSpeed clips with a per-tensor loop and keeps no
         # norm. It calls engine.clip_fp32_gradients() at the step; ours is a foreach kernel
         # that also records the norm for the log line, counting tensor-parallel slices and
         # pipeline stages once each.
-        engine.clip_fp32_gradients = functools.partial(_clip_and_record, engine)
+        engine.clip_fp32_gradients = functools.partial(_clip_and_record, engine, cfg.optim.grad_clip)
     return engine
 
 
-def _clip_and_record(engine) -> None:
-    engine._global_grad_norm = clip_gradients(engine.module, engine.gradient_clipping(), engine.mpu)
+def _clip_and_record(engine, max_norm: float) -> None:
+    engine._global_grad_norm = clip_gradients(engine.module, max_norm, engine.mpu)
 
 
 def set_learning_rate(engine, lr: float) -> None:

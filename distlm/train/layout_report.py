@@ -37,14 +37,31 @@ class LayoutReport:
         threshold = cfg.deepspeed.get("zero_optimization", {}).get("stage3_param_persistence_threshold",
                                                                     ZERO3_PERSISTENCE)
         persistent = sum(p.numel() for p in params if p.numel() < threshold) if cfg.parallel.zero_stage == 3 else 0
-        self.estimate = estimate_memory(self.rank_params, batch.dp, cfg.parallel.zero_stage, cfg.train.precision,
+        self.estimate = estimate_memory(self.rank_params, batch.dp, self._effective_stage(), cfg.train.precision,
                                         persistent_params=persistent)
         c = groups.coords
-        counts = all_gather_objects((c.stage, c.tp_rank, self.rank_params))
-        by_stage = {s: n for s, t, n in counts if t == 0}  # every replica holds the same counts
-        self.stage_params = [by_stage[stage] for stage in range(groups.layout.pp)]
+        counts = all_gather_objects((c.stage, c.tp_rank, self.rank_params, persistent))
+        by_stage = {s: (n, k) for s, t, n, k in counts if t == 0}  # every replica holds the same counts
+        self.stage_params = [by_stage[stage][0] for stage in range(groups.layout.pp)]
+        self.stage_persistent = [by_stage[stage][1] for stage in range(groups.layout.pp)]
         log(f"parameters held per rank by stage: {self.stage_params} (before ZeRO); estimated weights + optimizer "
             f"{self.estimate.params_and_optimizer / 2**20:.2f} MiB on this rank")
+        pp = groups.layout.pp
+        if pp > 1:
+            # 1F1B leaves each stage idle for pp - 1 micro-batch slots of the step's m + pp - 1.
+            bubble = (pp - 1) / (batch.grad_accum + pp - 1)
+            log(f"{'WARNING: ' if batch.grad_accum < 4 * pp else ''}pipeline of {pp} stages over "
+                f"{batch.grad_accum} micro-batches per step: idle {bubble:.0%} of each step"
+                + (f"; lower train.micro_batch_size for more micro-batches (4 x {pp} or more keeps it "
+                   f"under {(pp - 1) / (5 * pp - 1):.0%})" if batch.grad_accum < 4 * pp else ""))
+
+    def _effective_stage(self) -> int:
+        # DeepSpeed's pipeline engine runs bf16 without ZeRO through its BF16_Optimizer, which
+        # partitions the fp32 master weights and reduces gradients in fp32 like ZeRO 1.
+        c = self.cfg
+        if c.parallel.pp > 1 and c.train.precision == "bf16" and c.parallel.zero_stage == 0:
+            return 1
+        return c.parallel.zero_stage
 
     @contextlib.contextmanager
     def around_step(self, step: int, engine):
@@ -70,16 +87,17 @@ class LayoutReport:
         m, layout = self.cfg.model, self.groups.layout
         precision_bytes = 4 if self.cfg.train.precision == "fp32" else 2
         # bf16 under ZeRO accumulates and reduces gradients in fp32 (engine.deepspeed_config).
-        grad_bytes = 4 if self.cfg.train.precision == "fp32" or self.cfg.parallel.zero_stage >= 1 else 2
+        stage = self._effective_stage()
+        grad_bytes = 4 if self.cfg.train.precision == "fp32" or stage >= 1 else 2
         minimum = minimum_bytes(
-            tp=layout.tp, pp=layout.pp, dp=layout.dp, zero_stage=self.cfg.parallel.zero_stage,
+            tp=layout.tp, pp=layout.pp, dp=layout.dp, zero_stage=stage,
             n_layers=m.n_layers, d_model=m.d_model, vocab_size=m.vocab_size,
             micro_batch=self.batch.micro_batch_size, seq_len=self.cfg.train.seq_len,
             grad_accum=self.batch.grad_accum, stage_params=self.stage_params,
             activation_bytes=precision_bytes, grad_bytes=grad_bytes, param_bytes=precision_bytes,
             tied_embeddings=m.tie_embeddings, activation_checkpointing=self.cfg.parallel.activation_checkpointing,
             sequence_parallel=self.cfg.parallel.sequence_parallel and layout.tp > 1,
-            pipe_partitioned=not self.cfg.parallel.sequence_parallel)
+            pipe_partitioned=not self.cfg.parallel.sequence_parallel, persistent_params=self.stage_persistent)
         self.last_comms = (total, minimum)
         for line in report_lines(total, minimum, steps=1):
             self.log(line)

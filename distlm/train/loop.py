@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from distlm.model import flops_per_token, matmul_params, parameter_groups
 from distlm.parallel.distributed import all_reduce_mean, init_distributed
 from distlm.parallel.layout import Layout, ParallelGroups, ranks_per_node_from_env
 from distlm.train.engine import build_engine, set_learning_rate
-from distlm.train.data import DataCounters, DataDigest, data_state, resume_plan, train_stream
+from distlm.train.data import DataCounters, DataDigest, align_skipped_rows, data_state, resume_plan, train_stream
 from distlm.train.evaluate import evaluate
 from distlm.train.layout_report import LayoutReport
 from distlm.train.parallelize import (
@@ -71,6 +72,9 @@ def resolve_from_data(cfg: Config) -> tuple[Config, bool]:
 
 def train(cfg: Config) -> dict:
     """Train until ``train.max_steps``; return the last logged metrics (rank 0) for callers."""
+    # DeepSpeed 0.19.8 calls collectives that torch 2.13 renamed (reduce_scatter_tensor, ...):
+    # one warning per call would bury the log line.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
     world_size = world_size_from_env()
     batch = validate(cfg, world_size)  # before any process group starts
     cfg, has_val = resolve_from_data(cfg)
@@ -90,8 +94,8 @@ def train(cfg: Config) -> dict:
     report = LayoutReport(cfg, groups, batch, model, log.info)  # before ZeRO-3 partitions the weights
     engine = build_engine(model, parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings),
                           cfg, batch, ctx.device, groups.mpu)
-    # One replica's first rank reads for the digest and the damaged-row counts: the other tp
-    # ranks and stages of the replica read the same rows, and must not count them again.
+    # Every rank of a model replica (its tp ranks and stages) reads the replica's rows; one of
+    # them counts them for the digest and the damaged-row totals.
     counts_data = groups.coords.tp_rank == 0 and groups.coords.stage == 0
     write_model_files = model_files_writer(model, cfg, groups)
 
@@ -124,7 +128,7 @@ def train(cfg: Config) -> dict:
     stream = train_stream(cfg, batch, groups.coords.dp_rank, state.rows_consumed,
                           resume_plan(cfg, state.data, state.rows_consumed, log.info),
                           contiguous=ctx.device.type == "cuda")
-    data_errors = DataCounters(state.data.get("errors"), log.info)
+    data_errors = DataCounters(state.data.get("errors"), log.info, counts_rows=counts_data)
     digest = DataDigest(cfg.train.seq_len)
     batches = iter(make_loader(stream, cfg.data.num_workers, pin_memory=ctx.device.type == "cuda"))
 
@@ -143,10 +147,12 @@ def train(cfg: Config) -> dict:
 
         wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(batch.grad_accum)]
+        if cfg.data.on_error == "skip" and groups.replica_group is not None:
+            micro_batches = align_skipped_rows(micro_batches, groups.replica_group, ctx.device)
         interval.data_s += time.perf_counter() - wait_start
-        if counts_data:
-            for micro in micro_batches:
-                data_errors.add(micro.errors)
+        for micro in micro_batches:
+            data_errors.add(micro.errors)
+            if counts_data:
                 digest.add(micro.targets)
         with report.around_step(step - first_step, engine):  # memory after the first, bytes of the second
             result = train_step(engine, micro_batches, ctx.device, want_grad_norm=logging_now)
@@ -185,8 +191,7 @@ def train(cfg: Config) -> dict:
                             write_model_files, tp_rng=rng)
             digest.restart()  # a run resumed from here starts its first interval here too
         if evaluating_now:
-            val_loss, n = evaluate(engine, cfg, batch, ctx, groups.coords.dp_rank,
-                                   data_errors=data_errors if counts_data else None)
+            val_loss, n = evaluate(engine, cfg, batch, ctx, groups, data_errors=data_errors)
             log.eval({"step": state.step, "val_loss": val_loss, "val_batches": n,
                       "elapsed_s": time.perf_counter() - started})
             last["val_loss"] = val_loss

@@ -74,6 +74,6 @@ def model_files_writer(model: torch.nn.Module, cfg: Config, groups: ParallelGrou
     c = groups.coords
 
     def write(folder):
-        write_model_shard(folder, named, c.stage, c.tp_rank, groups.layout.tp, writes=c.dp_rank == 0,
-                          zero3=cfg.parallel.zero_stage == 3)
+        write_model_shard(folder, named, c.stage, c.tp_rank, groups.layout.tp, groups.layout.pp,
+                          writes=c.dp_rank == 0)
     return write
