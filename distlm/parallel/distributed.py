@@ -124,3 +124,15 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group: every rank once, after its last collective.
+
+    Left to interpreter exit, gloo's groups (a PipelineParallelGrid makes dozens) are torn down
+    while other static objects already are, which now and then aborts a rank that finished
+    its work ("terminate called without an active exception"), failing a run that succeeded.
+    """
+    if torch.distributed.is_initialized():
+        barrier()
+        torch.distributed.destroy_process_group()

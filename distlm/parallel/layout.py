@@ -127,7 +127,9 @@ class ParallelGroups:
         self.coords = layout.coords(rank)
         self.topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
         self._check_same_order()
-        self.grid = PipelineParallelGrid(topology=self.topology)
+        # Plain data parallelism needs no group but the world (and a grid would make
+        # world_size + a few more of them).
+        self.grid = PipelineParallelGrid(topology=self.topology) if layout.tp * layout.pp > 1 else None
 
     def _check_same_order(self) -> None:
         # Our rank arithmetic and DeepSpeed's must agree, or the groups we log are not the ones used.
@@ -141,7 +143,7 @@ class ParallelGroups:
 
     @property
     def dp_group(self):
-        return self.grid.get_data_parallel_group()
+        return self.grid.get_data_parallel_group() if self.grid is not None else None  # None: the world
 
     @property
     def replica_group(self):

@@ -21,7 +21,7 @@ from distlm.data.shards import ShardError
 from distlm.metrics.logger import RunLog
 from distlm.metrics.mfu import device_peak_flops, mfu
 from distlm.model import flops_per_token, matmul_params, parameter_groups
-from distlm.parallel.distributed import all_reduce_mean, init_distributed
+from distlm.parallel.distributed import all_reduce_mean, init_distributed, shutdown_distributed
 from distlm.parallel.layout import Layout, ParallelGroups, ranks_per_node_from_env
 from distlm.train.engine import build_engine, set_learning_rate
 from distlm.train.data import DataCounters, DataDigest, align_skipped_rows, data_state, resume_plan, train_stream
@@ -200,6 +200,7 @@ def train(cfg: Config) -> dict:
 
     log.info(f"done: {state.step} steps, {state.tokens_seen / 1e6:.2f}M tokens in "
              f"{time.perf_counter() - started:.0f} s; run folder {run_dir}")
+    shutdown_distributed()
     return last
 
 
