@@ -13,6 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def package_source_corpus(folder: Path) -> Path:
+    """The package's own source as one text file: deterministic, varied, in every checkout."""
+    text = "\n".join(f.read_text() for f in sorted((ROOT / "distlm").rglob("*.py")))
+    path = Path(folder) / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
 def distlm_command(args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "distlm", *args]

@@ -22,7 +22,7 @@ from distlm.data.prepare import prepare_corpus
 from distlm.data.stream import TokenStream
 from distlm.data.blend import Source
 from distlm.model import Transformer
-from helpers import ROOT, read_metrics, run_distlm, step_rows
+from helpers import ROOT, package_source_corpus, read_metrics, run_distlm, step_rows
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -56,10 +56,8 @@ RESULTS: dict = {}
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity-corpus")
-    text = "\n".join(p.read_text() for p in sorted((ROOT / "distlm").rglob("*.py")))
-    (root / "corpus.txt").write_text(text)
     out = root / "shards"
-    prepare_corpus([str(root / "corpus.txt")], str(out), tokenizer="byte", seq_len=32, val_fraction=0.05,
+    prepare_corpus([str(package_source_corpus(root))], str(out), tokenizer="byte", seq_len=32, val_fraction=0.05,
                    block_rows=64, log=lambda *_: None)
     return out
 
