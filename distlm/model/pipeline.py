@@ -120,8 +120,3 @@ def _pipeline_module(cfg: ModelConfig, topology, tp: TPGroup, rng: TPRandom | No
         activation_checkpoint_func=recompute_function(rng),
         checkpointable_layers=["Block"],
     )
-
-
-def stage_canonical_names(module: PipelineModule, n_layers: int) -> dict[str, str]:
-    """Every parameter of this stage: its pipeline name -> its canonical name."""
-    return {name: canonical_name(name, n_layers) for name, _ in module.named_parameters()}

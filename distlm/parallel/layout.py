@@ -142,10 +142,6 @@ class ParallelGroups:
         return self.grid.get_slice_parallel_group() if self.layout.tp > 1 else None
 
     @property
-    def dp_group(self):
-        return self.grid.get_data_parallel_group() if self.grid is not None else None  # None: the world
-
-    @property
     def replica_group(self):
         """The tp x pp ranks that hold one copy of the model (None: a single rank)."""
         return self.grid.get_model_parallel_group() if self.layout.tp * self.layout.pp > 1 else None

@@ -58,13 +58,6 @@ class TPGroup:
         """No tensor parallelism: size 1, rank 0, no group, no communication."""
         return cls(group=None, size=1, rank=0)
 
-    @classmethod
-    def from_group(cls, group: dist.ProcessGroup, sequence_parallel: bool = False) -> "TPGroup":
-        """Describe an existing process group; a group of one becomes :meth:`single` (with SP as given)."""
-        size = dist.get_world_size(group)
-        return cls(group=group if size > 1 else None, size=size, rank=dist.get_rank(group) if size > 1 else 0,
-                   sequence_parallel=sequence_parallel)
-
 
 def _divide(n: int, what: str, tp: TPGroup) -> int:
     if n % tp.size:
