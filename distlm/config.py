@@ -153,6 +153,16 @@ class CheckpointConfig:
     """Where checkpoints go; None means RUN_DIR/checkpoints."""
     keep_last: int = 3
     """Keep this many newest checkpoints; 0 keeps all."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (e.g. 1000), whatever keep_last says."""
+    async_save: bool = False
+    """Snapshot the state to host memory and write it in the background while training goes on."""
+    verify: Literal["hash", "size"] = "hash"
+    """Check before resuming: every file's SHA-256 and size, or sizes only (faster on huge checkpoints)."""
+    on_damaged: Literal["fallback", "fail"] = "fallback"
+    """A checkpoint that fails verification: fall back to the newest one that passes (loudly), or stop."""
+    on_error: Literal["stop", "continue"] = "stop"
+    """A save that fails (a full disk, ...): stop the run, or count it, keep the previous checkpoint and go on."""
 
 
 @dataclass
@@ -388,7 +398,8 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
         need(value >= 1, f"{key} must be at least 1; got {value}")
     for key, value in (("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
                        ("optim.warmup_steps", o.warmup_steps), ("data.num_workers", cfg.data.num_workers),
-                       ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("optim.grad_clip", o.grad_clip),
+                       ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                       ("checkpoint.keep_every", cfg.checkpoint.keep_every), ("optim.grad_clip", o.grad_clip),
                        ("optim.weight_decay", o.weight_decay)):
         need(value >= 0, f"{key} must be 0 or more; got {value}")
     need(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")

@@ -20,14 +20,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def write_durable(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``path`` and fsync it (its folder entry is the caller's to fsync)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``path.tmp``, fsync it, rename it over ``path``, fsync the folder."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_durable(tmp, data)
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

@@ -90,10 +90,10 @@ def uninterrupted(data_dir, tmp_path_factory):
 def test_killed_and_resumed_on_another_size_reads_the_same_rows(data_dir, tmp_path, uninterrupted,
                                                                  before, after, workers):
     run_dir = tmp_path / "run"
-    first_ckpt = run_dir / "checkpoints" / f"step-{SAVE_EVERY:08d}" / "distlm.json"
+    first_ckpt = run_dir / "checkpoints" / f"step-{SAVE_EVERY:08d}" / "manifest.json"
     # Far more steps than the test waits for: the kill, not the end, stops this run.
     _run_and_kill(_args(data_dir, run_dir, 100_000, workers), before, first_ckpt, tmp_path / "killed.log")
-    saved = sorted((run_dir / "checkpoints").glob("step-*/distlm.json"))
+    saved = sorted(p.parent / "distlm.json" for p in (run_dir / "checkpoints").glob("step-*/manifest.json"))
     resumed_from = json.loads(saved[-1].read_text())["state"]
     assert 0 < resumed_from["step"] < STEPS  # mid-run, and mid-epoch: 12 steps read well under one epoch
     data = resumed_from["data"]

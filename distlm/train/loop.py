@@ -18,12 +18,14 @@ from distlm.checkpoint.state import TrainState
 from distlm.config import Config, ConfigError, data_sources, save_config, to_dict, validate, world_size_from_env
 from distlm.data import load_manifest, make_loader
 from distlm.data.shards import ShardError
+from distlm.fault import inject
 from distlm.metrics.logger import RunLog
 from distlm.metrics.mfu import device_peak_flops, mfu
 from distlm.model import flops_per_token, matmul_params, parameter_groups
 from distlm.parallel.distributed import all_reduce_mean, init_distributed, shutdown_distributed
 from distlm.parallel.layout import Layout, ParallelGroups, ranks_per_node_from_env
 from distlm.train.engine import build_engine, set_learning_rate
+from distlm.train.checkpointing import canonical_params, choose_resume, make_saver
 from distlm.train.data import DataCounters, DataDigest, align_skipped_rows, data_state, resume_plan, train_stream
 from distlm.train.evaluate import evaluate
 from distlm.train.layout_report import LayoutReport
@@ -31,7 +33,6 @@ from distlm.train.parallelize import (
     build_model,
     check_model_fits,
     full_model_params,
-    model_files_writer,
     seed_random,
 )
 from distlm.train.resources import memory_bytes
@@ -97,13 +98,15 @@ def train(cfg: Config) -> dict:
     # Every rank of a model replica (its tp ranks and stages) reads the replica's rows; one of
     # them counts them for the digest and the damaged-row totals.
     counts_data = groups.coords.tp_rank == 0 and groups.coords.stage == 0
-    write_model_files = model_files_writer(model, cfg, groups)
+    saver = make_saver(engine, model, cfg, groups, ctx, ckpt_dir, rng, log.info)
 
     state = TrainState()
-    resume_from = checkpoint.find_resume(cfg.train.resume, ckpt_dir, log.info)
+    resume_from = choose_resume(cfg, ckpt_dir, ctx, log.info)  # verified against its manifest
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, to_dict(cfg), log.info)
-        state = checkpoint.load(engine, resume_from, ctx, log.info, tp_rng=rng)
+        state = checkpoint.load(engine, resume_from, ctx, log.info, tp_rng=rng, groups=groups, config=to_dict(cfg),
+                                named_params=canonical_params(model, cfg, groups))
+        saver.resumed(state)
         dropped = log.truncate_after(state.step)
         log.info(f"resumed from {resume_from} at step {state.step}"
                  + (f" ({dropped} metrics rows after it dropped)" if dropped else ""))
@@ -156,11 +159,13 @@ def train(cfg: Config) -> dict:
                 digest.add(micro.targets)
         with report.around_step(step - first_step, engine):  # memory after the first, bytes of the second
             result = train_step(engine, micro_batches, ctx.device, want_grad_norm=logging_now)
+        saver.poll()  # commits a background save once every rank has written its part
 
         state.step += 1
         state.rows_consumed += batch.global_batch
         state.tokens_seen += tokens_per_step
         interval.steps += 1
+        inject.hit("step", state.step)  # fault-injection tests stop a rank here (a no-op otherwise)
 
         if logging_now or saving_now:
             # One host sync, on the steps that need it: never log or save a diverged model.
@@ -181,14 +186,13 @@ def train(cfg: Config) -> dict:
                     "mem_bytes": memory_bytes(ctx.device),
                     "source_rows": {src["name"]: src["rows"] for src in state.data["sources"]},
                     "source_tokens": {src["name"]: src["tokens"] for src in state.data["sources"]},
-                    "data_errors": state.data["errors"],
+                    "data_errors": state.data["errors"], "checkpoint_errors": saver.errors,
                     "data_digest": digest.global_value(ctx.device)}
             log.step(last)
             interval = _Interval()
         if saving_now:  # before evaluating: a failing evaluation must not cost the checkpoint
             state.elapsed_s = time.perf_counter() - started
-            checkpoint.save(engine, ckpt_dir, state, to_dict(cfg), ctx, cfg.checkpoint.keep_last, log.info,
-                            write_model_files, tp_rng=rng)
+            saver.save(state, to_dict(cfg))
             digest.restart()  # a run resumed from here starts its first interval here too
         if evaluating_now:
             val_loss, n = evaluate(engine, cfg, batch, ctx, groups, data_errors=data_errors)
@@ -198,6 +202,7 @@ def train(cfg: Config) -> dict:
         if saving_now or evaluating_now:
             interval = _Interval()  # keep their time out of the next throughput figure
 
+    saver.close()  # an asynchronous save still in flight is finished and committed
     log.info(f"done: {state.step} steps, {state.tokens_seen / 1e6:.2f}M tokens in "
              f"{time.perf_counter() - started:.0f} s; run folder {run_dir}")
     shutdown_distributed()

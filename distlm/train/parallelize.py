@@ -59,21 +59,3 @@ def full_model_params(cfg: Config) -> int:
     """Non-embedding parameters of the whole model (all slices and stages), without allocating it."""
     with torch.device("meta"):
         return Transformer(cfg.model, seed=0).num_params(non_embedding=True)
-
-
-def model_files_writer(model: torch.nn.Module, cfg: Config, groups: ParallelGroups):
-    """What ``checkpoint.save`` calls to write this rank's canonical model file (see consolidate)."""
-    from distlm.checkpoint.consolidate import write_model_shard
-
-    if groups.layout.pp == 1:
-        named = list(model.named_parameters())
-    else:
-        from distlm.model.pipeline import canonical_name
-
-        named = [(canonical_name(n, cfg.model.n_layers), p) for n, p in model.named_parameters()]
-    c = groups.coords
-
-    def write(folder):
-        write_model_shard(folder, named, c.stage, c.tp_rank, groups.layout.tp, groups.layout.pp,
-                          writes=c.dp_rank == 0)
-    return write

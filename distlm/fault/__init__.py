@@ -1,0 +1,1 @@
+"""Faults: injection for tests (``inject``); preemption, watchdog and NaN policy come later."""

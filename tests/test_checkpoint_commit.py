@@ -1,0 +1,106 @@
+"""The commit's write order (matrix row 6), seen through a recording of the real system calls.
+
+A kill test cannot see a missing fsync (the page cache survives a killed process; only a power
+cut or a kernel crash loses it), so the order is checked here: data -> fsync -> folder fsync ->
+manifest -> fsync -> rename -> parent fsync -> latest (tmp, fsync, rename, parent fsync).
+"""
+
+import builtins
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from distlm.checkpoint.commit import commit
+from distlm.checkpoint.files import FileWriter, serialize
+from distlm.checkpoint.manifest import build
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record writes, fsyncs (by path) and renames; every call still does its real work."""
+    seen = []
+    real_open, real_fsync, real_rename, real_replace = builtins.open, os.fsync, os.rename, os.replace
+
+    def opening(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax"):
+            seen.append(("write", Path(file).name))
+        return real_open(file, mode, *args, **kwargs)
+
+    def fsync(fd):
+        seen.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")).name))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        seen.append(("rename", Path(src).name, Path(dst).name))
+        return real_rename(src, dst)
+
+    def replace(src, dst):
+        seen.append(("rename", Path(src).name, Path(dst).name))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(builtins, "open", opening)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "replace", replace)
+    return seen
+
+
+def test_files_folder_manifest_rename_and_latest_reach_the_disk_in_order(tmp_path, calls):
+    ckpt = tmp_path / "checkpoints"
+    tmp = ckpt / "step-00000007.tmp"
+    tmp.mkdir(parents=True)
+    writer = FileWriter(tmp, 7)
+    writer.write(tmp / "a.pt", serialize({"x": torch.ones(3)}))
+    writer.write(tmp / "b.pt", serialize({"y": torch.zeros(3)}))
+    writer.finish()
+    commit(tmp, build(7, writer.records, {}, {}))
+
+    assert calls == [
+        ("write", "a.pt"), ("fsync", "a.pt"),
+        ("write", "b.pt"), ("fsync", "b.pt"),
+        ("fsync", "step-00000007.tmp"),                       # the data files' directory entries
+        ("write", "manifest.json"), ("fsync", "manifest.json"),
+        ("fsync", "step-00000007.tmp"),                       # the manifest's entry
+        ("rename", "step-00000007.tmp", "step-00000007"),
+        ("fsync", "checkpoints"),                             # the rename itself
+        ("write", "latest.tmp"), ("fsync", "latest.tmp"),
+        ("rename", "latest.tmp", "latest"),
+        ("fsync", "checkpoints"),
+    ]
+    assert (ckpt / "latest").read_text() == "step-00000007"
+
+
+def test_a_failed_write_is_kept_not_raised_and_nothing_after_it_is_written(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a rank's files (row 8, through a mock of the write)."""
+    import errno
+
+    tmp = tmp_path / "step-00000001.tmp"
+    tmp.mkdir()
+    writer = FileWriter(tmp, 1)
+    writer.write(tmp / "first.pt", b"x" * 100)
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: FullDisk(real_open(*a, **k)))
+    writer.write(tmp / "second.pt", b"y" * 100)
+    writer.write(tmp / "third.pt", b"z" * 100)
+    assert "No space left on device" in writer.error and "second.pt" in writer.error
+    assert list(writer.records) == ["first.pt"]
+    assert not (tmp / "third.pt").exists()
