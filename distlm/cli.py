@@ -18,6 +18,7 @@ from distlm import __version__
 EXIT_CONFIG_ERROR = 2
 EXIT_DATA_ERROR = 3
 EXIT_CHECKPOINT_ERROR = 4
+EXIT_EXPORT_ERROR = 5
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -61,6 +62,13 @@ def _data_bench(args: argparse.Namespace) -> int:
 
     bench_dataset(args.dir, split=args.split, micro_batch_size=args.micro_batch_size, seconds=args.seconds,
                   log=lambda message: print(message, flush=True))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from distlm.checkpoint.export import export_hf
+
+    export_hf(args.checkpoint, args.out, log=lambda message: print(message, flush=True))
     return 0
 
 
@@ -130,11 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, e.g. train.max_steps=100 optim.lr=3e-4 run.dir=runs/x")
     t.set_defaults(run=_train)
+
+    e = sub.add_parser("export", help="export a checkpoint's model for another library (Hugging Face transformers)",
+                       description="Write OUT/model.safetensors and OUT/config.json that transformers' "
+                                   "AutoModelForCausalLM.from_pretrained(OUT) loads: GPT-2 style models as "
+                                   "GPT2LMHeadModel, Llama style as LlamaForCausalLM. Exit 5 if the model has "
+                                   "no such counterpart.")
+    e.add_argument("checkpoint", metavar="CKPT",
+                   help="a checkpoint step folder, a checkpoints folder (its 'latest' is used) or a run folder")
+    e.add_argument("--format", choices=["hf"], default="hf", help="hf: Hugging Face transformers (the default)")
+    e.add_argument("out", metavar="OUT", help="folder to write the exported model into")
+    e.set_defaults(run=_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from distlm.checkpoint.errors import CheckpointError
+    from distlm.checkpoint.export import ExportError
     from distlm.config import ConfigError
     from distlm.data.inputs import InputError
     from distlm.data.shards import ShardError
@@ -142,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except ExportError as e:
+        print(f"distlm: export error: {e}", file=sys.stderr)
+        return EXIT_EXPORT_ERROR
     except ConfigError as e:
         print(f"distlm: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
