@@ -104,3 +104,32 @@ def test_a_failed_write_is_kept_not_raised_and_nothing_after_it_is_written(tmp_p
     assert "No space left on device" in writer.error and "second.pt" in writer.error
     assert list(writer.records) == ["first.pt"]
     assert not (tmp / "third.pt").exists()
+
+
+def test_a_background_write_that_fails_in_any_way_fails_the_save(tmp_path):
+    """Not only OSError: an object that cannot be serialized must not leave a 'successful' save."""
+    from distlm.checkpoint.saver import _InFlight
+
+    tmp = tmp_path / "step-00000002.tmp"
+    tmp.mkdir()
+    flight = _InFlight(2, tmp, FileWriter(tmp, 2), {})
+    flight.pending = [(tmp / "good.pt", {"x": torch.ones(2)}), (tmp / "bad.pt", {"f": lambda: 0}),
+                      (tmp / "after.pt", {"y": torch.ones(2)})]
+    flight.write_pending()
+    assert "serializing" in flight.writer.error and "bad.pt" in flight.writer.error
+    assert list(flight.writer.records) == ["good.pt"]
+
+
+def test_an_async_snapshot_is_a_copy_that_keeps_deepspeeds_types():
+    from collections import OrderedDict, namedtuple
+
+    from distlm.checkpoint.files import snapshot
+
+    Address = namedtuple("Address", "start numel")
+    live = torch.zeros(4)
+    state = OrderedDict(w=live, shape=torch.Size([2, 2]), where=Address(0, 4), groups=[{"lr": 0.1, "t": live[:2]}])
+    copy = snapshot(state)
+    live += 1
+    assert torch.equal(copy["w"], torch.zeros(4)) and torch.equal(copy["groups"][0]["t"], torch.zeros(2))
+    assert type(copy) is OrderedDict and type(copy["shape"]) is torch.Size and copy["where"] == Address(0, 4)
+    assert type(copy["where"]) is Address and copy["shape"].numel() == 4

@@ -68,7 +68,7 @@ def _final_weights(run_dir) -> dict:
 def _bytes_per_rank(run_dir) -> dict[int, int]:
     """What each rank writes in one save, from a finished checkpoint's manifest (for byte offsets)."""
     files = json.loads((run_dir / "checkpoints" / f"step-{STEPS:08d}" / "manifest.json").read_text())["files"]
-    own = {0: ("mp_rank_", "zero_pp_rank_0_", "distlm-rank00000", "model-stage", "distlm.json"),
+    own = {0: ("mp_rank_", "zero_pp_rank_0_", "distlm-rank00000", "model-stage", "optim-stage", "distlm.json"),
            1: ("zero_pp_rank_1_", "distlm-rank00001")}
     return {rank: sum(f["size"] for name, f in files.items() if name.startswith(prefixes))
             for rank, prefixes in own.items()}

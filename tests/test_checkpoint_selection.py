@@ -97,7 +97,7 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_used(tmp_path, damag
     assert find_resume("auto", tmp_path, log=said.append) == five
     named = "manifest.json" if damage == "manifest-torn" else "mp_rank_00_model_states.pt"
     assert any(tag_for(10) in line and named in line for line in said)
-    assert any("falling back to step-00000005" in line for line in said)
+    assert any("resuming from step-00000005 instead" in line for line in said)
     with pytest.raises(CheckpointError, match="on_damaged=fail"):
         find_resume("auto", tmp_path, on_damaged="fail")
 
@@ -132,7 +132,7 @@ def test_a_checkpoint_of_the_previous_format_is_refused_with_what_to_do(tmp_path
     old = tmp_path / tag_for(4)
     old.mkdir()
     (old / "distlm.json").write_text(json.dumps({"format": 2, "step": 4}))
-    with pytest.raises(CheckpointError, match="older than checkpoint format 3.*train.resume=never"):
+    with pytest.raises(CheckpointError, match="older than checkpoint format 3.*another run.dir"):
         find_resume("auto", tmp_path)
 
 
@@ -180,3 +180,47 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     random.seed(9); np.random.seed(9); torch.manual_seed(9)
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_kill_while_a_step_is_being_replaced_puts_the_old_one_back(tmp_path):
+    """Between moving the old step-N aside and renaming the new one in: neither name is step-N."""
+    five = _make(tmp_path, 5, config=_cfg(seed=1))
+    five.rename(tmp_path / (tag_for(5) + ".replaced"))
+    _make(tmp_path, 5, config=_cfg(seed=2), finished=False)   # the new save, complete but not renamed
+    said = []
+    assert find_resume("auto", tmp_path, log=said.append) == five
+    assert json.loads((five / "distlm.json").read_text())["config"]["data"]["seed"] == 1
+    assert any("put step-00000005 back" in line for line in said)
+    clean_leftovers(tmp_path, log=said.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(5)]
+
+
+def test_an_interrupted_deletion_is_cleaned_not_loaded(tmp_path):
+    from distlm.checkpoint.select import delete_checkpoint
+
+    five, ten = _make(tmp_path, 5), _make(tmp_path, 10)
+    five.rename(tmp_path / (tag_for(5) + ".deleting"))           # killed after the rename
+    (tmp_path / (tag_for(5) + ".deleting") / "distlm.json").unlink()  # ... and partway through deleting
+    assert find_resume("auto", tmp_path) == ten
+    assert clean_leftovers(tmp_path, log=lambda *_: None) == [tag_for(5) + ".deleting"]
+    delete_checkpoint(ten)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+def test_starting_fresh_over_an_earlier_runs_checkpoints_is_refused(tmp_path):
+    from distlm.checkpoint.select import refuse_fresh_start_over
+
+    refuse_fresh_start_over(tmp_path / "none")
+    _make(tmp_path, 5)
+    with pytest.raises(CheckpointError, match="train.resume=never.*step-00000005.*another run.dir"):
+        refuse_fresh_start_over(tmp_path)
+
+
+def test_a_manifest_entry_that_is_not_a_file_is_a_damaged_checkpoint(tmp_path):
+    five, ten = _make(tmp_path, 5), _make(tmp_path, 10)
+    manifest = json.loads((ten / MANIFEST).read_text())
+    manifest["files"]["."] = {"size": 0, "sha256": ""}
+    (ten / MANIFEST).write_text(json.dumps(manifest))
+    said = []
+    assert find_resume("auto", tmp_path, log=said.append) == five
+    assert any("not a file inside the checkpoint folder" in line for line in said)

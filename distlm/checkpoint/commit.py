@@ -26,7 +26,7 @@ from distlm.fsutil import atomic_write_text, fsync_dir, write_durable
 
 LATEST = "latest"
 TMP_SUFFIX = ".tmp"
-STALE_SUFFIX = ".stale"
+REPLACED_SUFFIX = ".replaced"
 
 
 def commit(tmp: Path, manifest: dict) -> Path:
@@ -37,18 +37,18 @@ def commit(tmp: Path, manifest: dict) -> Path:
     write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     fsync_dir(tmp)
     inject.hit("save.before_rename", step)
-    stale = None
+    replaced = None
     if final.exists():
-        # The same step from an abandoned line of the run (resumed from an older checkpoint):
-        # moved aside, not deleted first, so a kill here still leaves a loadable folder.
-        stale = final.with_name(final.name + STALE_SUFFIX)
-        shutil.rmtree(stale, ignore_errors=True)
-        os.rename(final, stale)
+        # The same step saved before (a run resumed from an older checkpoint redoes it): moved
+        # aside, not deleted first; a kill before the next rename leaves it to be put back.
+        replaced = final.with_name(final.name + REPLACED_SUFFIX)
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
     os.rename(tmp, final)
     fsync_dir(final.parent)
     inject.hit("save.before_latest", step)
     atomic_write_text(final.parent / LATEST, final.name)
     inject.hit("save.after_latest", step)
-    if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     return final

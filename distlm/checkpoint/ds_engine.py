@@ -31,7 +31,10 @@ class RoutedCheckpointEngine(CheckpointEngine):
         pass
 
     def makedirs(self, path, exist_ok=False) -> None:
-        os.makedirs(path, exist_ok=exist_ok)
+        try:
+            os.makedirs(path, exist_ok=exist_ok)
+        except OSError:
+            pass  # the file writes that follow fail too, and the writer records it for all ranks to see
 
     def save(self, state_dict, path: str) -> None:
         if self.sink is None:

@@ -58,9 +58,11 @@ def snapshot(obj):
         return copied
     if isinstance(obj, list):
         return [snapshot(v) for v in obj]
+    if isinstance(obj, torch.Size):
+        return obj  # immutable; DeepSpeed's param_shapes are read back as torch.Size
     if isinstance(obj, tuple):
         items = [snapshot(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if obj is None or isinstance(obj, (str, bytes, int, float, bool)):
         return obj
     return copy.deepcopy(obj)
@@ -103,6 +105,17 @@ class FileWriter:
             self.error = f"writing {path}: {e}"
             return
         self.records[name] = FileRecord(len(data), digest.hexdigest())
+
+    def write_object(self, path: str | os.PathLike, obj) -> None:
+        """Serialize ``obj`` (unless it is bytes already) and write it; a failure is kept like a write's."""
+        if self.error is not None:
+            return
+        try:
+            data = obj if isinstance(obj, bytes) else serialize(obj)
+        except Exception as e:  # on one rank only: raising would leave the others in a collective
+            self.error = f"serializing {path}: {type(e).__name__}: {e}"
+            return
+        self.write(path, data)
 
     def _chunks(self, view: memoryview):
         """CHUNK-sized pieces, also cut where a planned fault fires (so it lands on its byte)."""

@@ -66,21 +66,32 @@ def read(folder: Path) -> dict:
     return manifest
 
 
-def verify(folder: Path, hashes: bool = True, manifest: Optional[dict] = None) -> dict:
-    """Check every listed file's size (and SHA-256); return the manifest or raise naming the file."""
+def verify(folder: Path, hashes: bool = True, manifest: Optional[dict] = None, share: tuple[int, int] = (0, 1)) -> dict:
+    """Check every listed file's size (and SHA-256); return the manifest or raise naming the file.
+
+    ``share=(i, n)``: check only every n-th file from the i-th (ranks split a large checkpoint).
+    """
     manifest = manifest or read(folder)
-    for name, want in manifest["files"].items():
+    index, count = share
+    for position, (name, want) in enumerate(sorted(manifest["files"].items())):
+        if position % count != index:
+            continue
         path = folder / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise ManifestError(f"{folder / MANIFEST} lists {name!r}, outside the checkpoint folder")
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts \
+                or Path(name) == Path("."):
+            raise ManifestError(f"{folder / MANIFEST} lists {name!r}, which is not a file inside the checkpoint folder")
         try:
             size = path.stat().st_size
+            if not path.is_file():
+                raise ManifestError(f"{path} is not a file (listed in {MANIFEST})")
+            if size != want["size"]:
+                raise ManifestError(f"{path} has {size} bytes, the manifest says {want['size']}: truncated or replaced")
+            if hashes and sha256_file(path) != want["sha256"]:
+                raise ManifestError(f"{path} does not match its SHA-256 in {MANIFEST}: the file is corrupt")
         except FileNotFoundError:
             raise ManifestError(f"{path} is missing (listed in {MANIFEST})") from None
-        if size != want["size"]:
-            raise ManifestError(f"{path} has {size} bytes, the manifest says {want['size']}: truncated or replaced")
-        if hashes and sha256_file(path) != want["sha256"]:
-            raise ManifestError(f"{path} does not match its SHA-256 in {MANIFEST}: the file is corrupt")
+        except (OSError, KeyError, TypeError) as e:
+            raise ManifestError(f"{path} cannot be checked against {MANIFEST}: {type(e).__name__}: {e}") from None
     return manifest
 
 

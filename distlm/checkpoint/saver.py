@@ -35,7 +35,7 @@ from distlm.checkpoint import manifest as manifest_file
 from distlm.checkpoint.commit import TMP_SUFFIX, commit
 from distlm.checkpoint.ds_engine import RoutedCheckpointEngine
 from distlm.checkpoint.errors import CheckpointError
-from distlm.checkpoint.files import FileWriter, serialize, snapshot
+from distlm.checkpoint.files import FileWriter, snapshot
 from distlm.checkpoint.retention import steps_to_delete
 from distlm.checkpoint.select import delete_checkpoint, step_folders, step_of, tag_for
 from distlm.parallel.distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
@@ -67,10 +67,13 @@ class _InFlight:
     thread: Optional[threading.Thread] = None
 
     def write_pending(self) -> None:
-        while self.pending:
-            path, data = self.pending.pop(0)     # drop each snapshot as soon as it is on disk
-            self.writer.write(path, data if isinstance(data, bytes) else serialize(data))
-        self.writer.finish()
+        try:
+            while self.pending:
+                path, data = self.pending.pop(0)     # drop each snapshot as soon as it is on disk
+                self.writer.write_object(path, data)
+            self.writer.finish()
+        except BaseException as e:  # anything lost here would otherwise commit an incomplete folder
+            self.writer.error = self.writer.error or f"background write: {type(e).__name__}: {e}"
 
     def running(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
@@ -90,6 +93,10 @@ class Saver:
         self.last_committed: Optional[Path] = None
         self.io = RoutedCheckpointEngine()
         engine.checkpoint_engine = self.io   # every DeepSpeed file now goes through distlm (ds_engine)
+        # DeepSpeed copies its zero_to_fp32.py into the checkpoint folder from rank 0 alone, outside
+        # the checkpoint engine: a full disk there would raise on one rank inside its collectives.
+        # distlm's layout-free files (consolidate, export) do that job.
+        engine._copy_recovery_script = lambda *args, **kwargs: None
         self._flight: Optional[_InFlight] = None
 
     def resumed(self, state) -> None:
@@ -109,7 +116,6 @@ class Saver:
         tmp = self.ckpt_dir / (tag_for(state.step) + TMP_SUFFIX)
         if self.ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)   # an earlier try of this step that never committed
-            tmp.mkdir(parents=True)
         barrier()
         flight = _InFlight(state.step, tmp, FileWriter(tmp, state.step), config)
         if self.options.async_save:
@@ -117,7 +123,7 @@ class Saver:
                 flight.pending.append((path, obj if fresh else snapshot(obj)))
         else:
             def keep(path: Path, obj, fresh: bool = False) -> None:  # streamed: one file's bytes in memory at a time
-                flight.writer.write(path, serialize(obj))
+                flight.writer.write_object(path, obj)
         self.io.sink = keep
         try:
             self.engine.save_checkpoint(str(self.ckpt_dir), tag=tmp.name, save_latest=False)
@@ -172,19 +178,44 @@ class Saver:
         if failed:
             self._failed(flight, [(rank, error) for rank, (_, error) in enumerate(parts) if error])
             return
-        if self.ctx.is_main:
-            records = {}
-            for part, _ in parts:
-                records.update(part)
-            final = commit(flight.tmp, manifest_file.build(flight.step, records, self.layout, flight.config))
-            self.last_committed = final
-            took = time.perf_counter() - flight.started
-            how = (f"written in the background in {took:.2f} s, training blocked {flight.blocked_s:.3f} s"
-                   if flight.thread is not None else f"saved in {took:.3f} s")
-            removed = self._apply_retention(flight.step)
-            self.log(f"checkpoint {final} {how}" + (f"; removed {', '.join(removed)}" if removed else ""))
+        # Rank 0 alone commits; whether that worked (a full disk may refuse the manifest too) is
+        # shared, so every rank applies the same policy.
+        commit_error = all_gather_objects(self._commit(flight, parts) if self.ctx.is_main else None)[0]
+        if commit_error is not None:
+            self._failed(flight, [(0, commit_error)])
+            return
         if flight.thread is None:
             barrier()  # a synchronous save returns once the step is committed, on every rank
+
+    def _commit(self, flight: _InFlight, parts: list) -> Optional[str]:
+        """Rank 0: check every rank's part is there, commit, apply retention; an error message or None."""
+        records = {}
+        for part, _ in parts:
+            records.update(part)
+        expected = [STATE_FILE] + [rank_file(rank) for rank in range(len(parts))]
+        missing = [name for name in expected if name not in records]
+        if missing:
+            return f"committing {flight.tmp}: {', '.join(missing)} were not written"
+        try:
+            final = commit(flight.tmp, manifest_file.build(flight.step, records, self.layout, flight.config))
+        except OSError as e:
+            if flight.tmp.exists():
+                return f"committing {flight.tmp}: {e}"
+            # Renamed: the step is committed; only ``latest`` (a hint the loader double-checks) is stale.
+            final = flight.tmp.with_name(flight.tmp.name[: -len(TMP_SUFFIX)])
+            self.log(f"WARNING: {final} is committed but 'latest' could not be updated ({e}); a resume still "
+                     f"finds it")
+        self.last_committed = final
+        took = time.perf_counter() - flight.started
+        how = (f"written in the background in {took:.2f} s, training blocked {flight.blocked_s:.3f} s"
+               if flight.thread is not None else f"saved in {took:.3f} s")
+        try:
+            removed = self._apply_retention(flight.step)
+        except OSError as e:
+            removed = []
+            self.log(f"WARNING: removing old checkpoints failed ({e}); they stay on disk")
+        self.log(f"checkpoint {final} {how}" + (f"; removed {', '.join(removed)}" if removed else ""))
+        return None
 
     def _failed(self, flight: _InFlight, errors: list[tuple[int, str]]) -> None:
         self.errors += 1
@@ -200,7 +231,9 @@ class Saver:
         self.log(f"ERROR: {message}; checkpoint.on_error=continue: training goes on")
 
     def _apply_retention(self, saved: int) -> list[str]:
-        folders = {step_of(p): p for p in step_folders(self.ckpt_dir)}
+        # Only steps up to this one count: a higher step is from a line of the run that was
+        # abandoned (resumed from an older checkpoint), and this run's next saves replace it.
+        folders = {step_of(p): p for p in step_folders(self.ckpt_dir) if step_of(p) <= saved}
         protect = [saved] + ([self.protect] if self.protect is not None else [])
         doomed = steps_to_delete(folders, self.options.keep_last, self.options.keep_every, protect)
         for step in doomed:

@@ -152,14 +152,19 @@ def load(engine, path: Path, ctx: DistContext, log: Callable[[str], None] = prin
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {path}")
     name = rank_file(ctx.rank)
-    if record.get("world_size") == ctx.world_size and name in manifest["files"]:
+    if not changes:
+        # The same layout: each rank takes back its own streams (the run continues bit for bit).
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{path} lacks {name} (rank {ctx.rank}'s random states): an incomplete "
+                                  f"checkpoint; resume from another one")
         saved = load_bytes(manifest_file.read_verified(path, name, manifest), str(path / name))
         set_rng_state(saved)
         if tp_rng is not None and "tp" in saved:
             tp_rng.load_state_dict(saved["tp"])
     elif ctx.is_main:
-        log(f"NOTE: {path} was saved by {record.get('world_size')} ranks and is loaded by "
-            f"{ctx.world_size}; random states start afresh (data order is unaffected)")
+        # Another layout: a rank's saved streams belong to a role it no longer has (and tensor-
+        # parallel peers must share theirs), so the freshly seeded ones stay.
+        log(f"NOTE: {path} was saved on another layout; random streams start afresh (data order is unaffected)")
     return TrainState(**record["state"])
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from distlm.checkpoint.errors import CheckpointError
 from distlm.checkpoint.saver import SaveOptions, Saver
-from distlm.checkpoint.select import clean_leftovers, find_resume
+from distlm.checkpoint.manifest import ManifestError
+from distlm.checkpoint.select import candidates, check, choose, clean_leftovers, refuse_fresh_start_over
 from distlm.checkpoint.state import rng_state
 from distlm.config import Config
 from distlm.parallel.distributed import DistContext, all_gather_objects
@@ -15,22 +16,56 @@ from distlm.parallel.layout import ParallelGroups
 
 
 def choose_resume(cfg: Config, ckpt_dir: Path, ctx: DistContext, log: Callable[[str], None]) -> Optional[Path]:
-    """Rank 0 picks and verifies the checkpoint (hashing every file once), then tells the others.
+    """The verified checkpoint to continue from (None: a fresh start), agreed by every rank.
 
-    An error there is raised on every rank, so none is left waiting for the others. Leftovers
-    of interrupted saves are removed after the choice, before this run saves anything.
+    Rank 0 lists the candidates; all ranks hash a share of each candidate's files (a large
+    checkpoint hashed by one rank would outlast the process group's timeout); rank 0 picks the
+    first that verified everywhere, and removes leftovers of interrupted saves. Any error is
+    raised on every rank, so none is left waiting in a collective.
     """
-    choice, error = None, None
+    resume, hashes = cfg.train.resume, cfg.checkpoint.verify == "hash"
+    listed = _on_main(ctx, lambda: _listed(resume, ckpt_dir, log))
+    tried = []
+    for folder in listed:
+        try:
+            check(folder, hashes, share=(ctx.rank, ctx.world_size))
+            mine = None
+        except ManifestError as e:
+            mine = str(e)
+        except Exception as e:  # anything else unexpected still fails the candidate, on every rank
+            mine = f"{folder}: {type(e).__name__}: {e}"
+        errors = [error for error in all_gather_objects(mine) if error]
+        tried.append((folder, errors[0] if errors else None))
+        if not errors or resume != "auto" or cfg.checkpoint.on_damaged == "fail":
+            break
+
+    def pick() -> Optional[Path]:
+        choice = choose(resume, ckpt_dir, tried, cfg.checkpoint.on_damaged, log)
+        clean_leftovers(ckpt_dir, log, keep=choice)
+        return choice
+    return _on_main(ctx, pick)
+
+
+def _listed(resume: str, ckpt_dir: Path, log: Callable[[str], None]) -> list[Path]:
+    if resume == "never":
+        refuse_fresh_start_over(ckpt_dir)
+    return candidates(resume, ckpt_dir, log)
+
+
+def _on_main(ctx: DistContext, work: Callable[[], Any]) -> Any:
+    """``work()`` on rank 0, its result (or its error, raised) on every rank."""
+    result, error = None, None
     if ctx.is_main:
         try:
-            choice = find_resume(cfg.train.resume, ckpt_dir, cfg.checkpoint.verify, cfg.checkpoint.on_damaged, log)
-            clean_leftovers(ckpt_dir, log)
+            result = work()
         except CheckpointError as e:
             error = str(e)
-    choice, error = all_gather_objects((choice, error))[0]
+        except Exception as e:
+            error = f"choosing the checkpoint to resume in {type(e).__name__}: {e}"
+    result, error = all_gather_objects((result, error))[0]
     if error is not None:
         raise CheckpointError(error)
-    return choice
+    return result
 
 
 def canonical_params(model, cfg: Config, groups: ParallelGroups) -> list:
