@@ -33,7 +33,6 @@ import torch
 
 from distlm.checkpoint import manifest as manifest_file
 from distlm.checkpoint.commit import TMP_SUFFIX, commit
-from distlm.checkpoint.ds_engine import RoutedCheckpointEngine
 from distlm.checkpoint.errors import CheckpointError
 from distlm.checkpoint.files import FileWriter, snapshot
 from distlm.checkpoint.retention import steps_to_delete
@@ -91,6 +90,8 @@ class Saver:
         self.protect = protect        # the step resumed from: retention never deletes it
         self.last_blocked_s = 0.0
         self.last_committed: Optional[Path] = None
+        from distlm.checkpoint.ds_engine import RoutedCheckpointEngine  # imports DeepSpeed: only once a run starts
+
         self.io = RoutedCheckpointEngine()
         engine.checkpoint_engine = self.io   # every DeepSpeed file now goes through distlm (ds_engine)
         # DeepSpeed copies its zero_to_fp32.py into the checkpoint folder from rank 0 alone, outside
