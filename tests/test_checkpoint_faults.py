@@ -171,12 +171,14 @@ def test_an_async_save_on_a_slow_disk_keeps_its_step_and_one_in_flight(data_dir,
         assert _same_tensors(_optimizer_files(mine), _optimizer_files(ref))
 
 
-@pytest.mark.parametrize("policy", ["continue", "stop"])
-def test_a_full_disk_mid_save_keeps_the_previous_checkpoint(data_dir, golden, tmp_path, policy):
+@pytest.mark.parametrize("policy, async_save", [("continue", False), ("stop", False), ("continue", True)],
+                         ids=["continue", "stop", "continue-async"])
+def test_a_full_disk_mid_save_keeps_the_previous_checkpoint(data_dir, golden, tmp_path, policy, async_save):
     run_dir = tmp_path / policy
     ckpt = run_dir / "checkpoints"
     full = Fault(rank=1, step=2 * SAVE_EVERY, phase="save.write", offset=1000, signal="ENOSPC")
-    result = run_distlm(_args(data_dir, run_dir) + [f"checkpoint.on_error={policy}", "checkpoint.keep_last=0"],
+    result = run_distlm(_args(data_dir, run_dir) + [f"checkpoint.on_error={policy}", "checkpoint.keep_last=0",
+                                                    f"checkpoint.async_save={str(async_save).lower()}"],
                         nproc=2, timeout=300, check=False, env={"DISTLM_FAULT": full.to_env()})
     assert f"checkpoint of step {full.step} FAILED (rank 1: writing" in result.stdout
     assert "No space left on device" in result.stdout
@@ -191,7 +193,11 @@ def test_a_full_disk_mid_save_keeps_the_previous_checkpoint(data_dir, golden, tm
     assert result.returncode == 0, result.stdout[-3000:]
     assert _committed(ckpt) == [s for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY) if s != full.step]
     rows = [r for r in read_metrics(run_dir) if "loss" in r]
-    assert [r["checkpoint_errors"] for r in rows] == [int(r["step"] > full.step) for r in rows]
+    counted = [r["checkpoint_errors"] for r in rows]
+    if async_save:  # counted at the first step boundary where every rank's writer has finished
+        assert counted == sorted(counted) and counted[:full.step] == [0] * full.step and counted[-1] == 1
+    else:
+        assert counted == [int(r["step"] > full.step) for r in rows]
     final = json.loads((ckpt / f"step-{STEPS:08d}" / "distlm.json").read_text())
     assert final["state"]["checkpoint_errors"] == 1
     assert _curve(run_dir) == _curve(golden)
