@@ -69,7 +69,7 @@ def main() -> None:
     sync, blocked = statistics.median(sync_s), statistics.median(blocked_s)
     print(f"saves: {len(sync_s)} sync, {len(blocked_s)} async; async writes took {statistics.median(background_s):.2f} s "
           f"in the background (median)")
-    print(f"sync_save_s={sync:.3f} async_blocked_s={blocked:.3f} ratio={blocked / sync:.3f}")
+    print(f"sync_save_s={sync:.6f} async_blocked_s={blocked:.6f} ratio={blocked / sync:.4f}")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from distlm.checkpoint.errors import CheckpointError
 from distlm.checkpoint.saver import SaveOptions, Saver
 from distlm.checkpoint.manifest import ManifestError
 from distlm.checkpoint.select import candidates, check, choose, clean_leftovers, refuse_fresh_start_over
-from distlm.checkpoint.state import rng_state
-from distlm.config import Config
+from distlm.checkpoint.state import TrainState, check_compatible, load, rng_state
+from distlm.config import Config, to_dict
 from distlm.parallel.distributed import DistContext, all_gather_objects
 from distlm.parallel.layout import ParallelGroups
 
@@ -66,6 +66,16 @@ def _on_main(ctx: DistContext, work: Callable[[], Any]) -> Any:
     if error is not None:
         raise CheckpointError(error)
     return result
+
+
+def resume(path: Path, engine, model, cfg: Config, groups: ParallelGroups, ctx: DistContext, saver: Saver, tp_rng,
+           log: Callable[[str], None]) -> TrainState:
+    """Check ``path`` fits this config, load it (resharding onto this layout if it differs)."""
+    check_compatible(path, to_dict(cfg), log)
+    state = load(engine, path, ctx, log, tp_rng=tp_rng, groups=groups, config=to_dict(cfg),
+                 named_params=canonical_params(model, cfg, groups))
+    saver.resumed(state)
+    return state
 
 
 def canonical_params(model, cfg: Config, groups: ParallelGroups) -> list:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from distlm.checkpoint import state as checkpoint
 from distlm.checkpoint.state import TrainState
 from distlm.config import Config, ConfigError, data_sources, save_config, to_dict, validate, world_size_from_env
 from distlm.data import load_manifest, make_loader
@@ -25,7 +24,7 @@ from distlm.model import flops_per_token, matmul_params, parameter_groups
 from distlm.parallel.distributed import all_reduce_mean, init_distributed, shutdown_distributed
 from distlm.parallel.layout import Layout, ParallelGroups, ranks_per_node_from_env
 from distlm.train.engine import build_engine, set_learning_rate
-from distlm.train.checkpointing import canonical_params, choose_resume, make_saver
+from distlm.train.checkpointing import choose_resume, make_saver, resume
 from distlm.train.data import DataCounters, DataDigest, align_skipped_rows, data_state, resume_plan, train_stream
 from distlm.train.evaluate import evaluate
 from distlm.train.layout_report import LayoutReport
@@ -103,10 +102,7 @@ def train(cfg: Config) -> dict:
     state = TrainState()
     resume_from = choose_resume(cfg, ckpt_dir, ctx, log.info)  # verified against its manifest
     if resume_from is not None:
-        checkpoint.check_compatible(resume_from, to_dict(cfg), log.info)
-        state = checkpoint.load(engine, resume_from, ctx, log.info, tp_rng=rng, groups=groups, config=to_dict(cfg),
-                                named_params=canonical_params(model, cfg, groups))
-        saver.resumed(state)
+        state = resume(resume_from, engine, model, cfg, groups, ctx, saver, rng, log.info)
         dropped = log.truncate_after(state.step)
         log.info(f"resumed from {resume_from} at step {state.step}"
                  + (f" ({dropped} metrics rows after it dropped)" if dropped else ""))
