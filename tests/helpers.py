@@ -21,6 +21,16 @@ def package_source_corpus(folder: Path) -> Path:
     return path
 
 
+def source_shards(root: Path, **options) -> Path:
+    """``root/shards``: the package source as byte-level rows of 32 tokens, 16 rows a block, no val split."""
+    from distlm.data.prepare import prepare_corpus
+
+    out = Path(root) / "shards"
+    settings = {"tokenizer": "byte", "seq_len": 32, "val_fraction": 0, "block_rows": 16, **options}
+    prepare_corpus([str(package_source_corpus(root))], str(out), log=lambda *_: None, **settings)
+    return out
+
+
 def distlm_command(args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "distlm", *args]

@@ -26,9 +26,8 @@ import re
 import pytest
 import torch
 
-from distlm.data.prepare import prepare_corpus
 from distlm.fault.inject import Fault
-from helpers import ROOT, package_source_corpus, read_metrics, run_distlm
+from helpers import ROOT, read_metrics, run_distlm, source_shards
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -41,11 +40,7 @@ COMMIT_PHASES = ("save.before_manifest", "save.before_rename", "save.before_late
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kill-corpus")
-    out = root / "shards"
-    prepare_corpus([str(package_source_corpus(root))], str(out), tokenizer="byte", seq_len=32, val_fraction=0,
-                   block_rows=16, shard_mb=0.05, log=lambda *_: None)
-    return out
+    return source_shards(tmp_path_factory.mktemp("kill-corpus"), shard_mb=0.05)  # stops fall mid-shard
 
 
 def _args(data_dir, run_dir):

@@ -19,8 +19,7 @@ import torch
 from distlm.checkpoint.ds_engine import RoutedCheckpointEngine
 from distlm.checkpoint.errors import CheckpointError
 from distlm.checkpoint.manifest import MANIFEST, ManifestError
-from distlm.data.prepare import prepare_corpus
-from helpers import ROOT, package_source_corpus, run_distlm
+from helpers import ROOT, run_distlm, source_shards
 
 
 class Payload:
@@ -86,9 +85,7 @@ def test_deepspeed_cannot_read_a_file_the_manifest_does_not_list(tmp_path):
 @pytest.mark.slow
 def test_a_run_refuses_a_crafted_deepspeed_optimizer_file(tmp_path):
     """End to end through DeepSpeed's own loader: the run stops with the checkpoint exit code."""
-    data = tmp_path / "shards"
-    prepare_corpus([str(package_source_corpus(tmp_path))], str(data), tokenizer="byte", seq_len=32,
-                   val_fraction=0, block_rows=16, log=lambda *_: None)
+    data = source_shards(tmp_path)
     args = ["train", str(ROOT / "configs" / "tiny-test.yaml"), f"data.path={data}", f"run.dir={tmp_path / 'run'}",
             "train.max_steps=2", "train.eval_every=0", "parallel.zero_stage=1"]
     run_distlm(args, timeout=240)

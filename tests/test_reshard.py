@@ -259,7 +259,7 @@ def test_missing_optimizer_files_are_named(saved_runs, tmp_path):
     for f in (folder / "checkpoint").iterdir():
         if f.name != optim_file(0, 1):
             (tmp_path / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(CheckpointError, match="lacks the optimizer files"):
+    with pytest.raises(CheckpointError, match="lacks the optim files"):
         consolidated_optimizer_state(tmp_path)
     assert consolidated_state_dict(tmp_path).keys()  # the model files alone still consolidate (export)
 

@@ -12,8 +12,7 @@ import shutil
 
 import pytest
 
-from distlm.data.prepare import prepare_corpus
-from helpers import ROOT, package_source_corpus, run_distlm, step_rows
+from helpers import ROOT, run_distlm, source_shards, step_rows
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -23,11 +22,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reshard-corpus")
-    out = root / "shards"
-    prepare_corpus([str(package_source_corpus(root))], str(out), tokenizer="byte", seq_len=32, val_fraction=0,
-                   block_rows=16, log=lambda *_: None)
-    return out
+    return source_shards(tmp_path_factory.mktemp("reshard-corpus"))
 
 
 def _args(data_dir, run_dir, *extra):

@@ -17,8 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distlm.data.prepare import prepare_corpus
-from helpers import ROOT, distlm_command, package_source_corpus, run_distlm, step_rows
+from helpers import ROOT, distlm_command, run_distlm, source_shards, step_rows
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -29,12 +28,8 @@ SAVE_EVERY = 3
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume-corpus")
-    out = root / "shards"
     # Small blocks and shards: a step's rows come from several blocks, the run stops mid-shard.
-    prepare_corpus([str(package_source_corpus(root))], str(out), tokenizer="byte", seq_len=32, val_fraction=0,
-                   block_rows=16, shard_mb=0.05, log=lambda *_: None)
-    return out
+    return source_shards(tmp_path_factory.mktemp("resume-corpus"), shard_mb=0.05)
 
 
 def _args(data_dir, run_dir, max_steps, workers):

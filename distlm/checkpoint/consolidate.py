@@ -328,17 +328,21 @@ def _torch_load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The one-process state dict (float32) from a checkpoint folder of any layout."""
-    folder = Path(folder)
-    shards = _read_shards(folder, SHARD_RE, _torch_load)
+def _complete_shards(folder: Path, pattern: re.Pattern, what: str, error: type) -> tuple[dict, int, int]:
+    """Every (stage, tp rank) file of one kind, or ``error`` saying which are missing."""
+    shards = _read_shards(folder, pattern, _torch_load)
     if not shards:
-        raise FileNotFoundError(f"{folder} holds no model-stage*-tp*.pt files: it was saved by a distlm older than "
-                                f"the layout-independent model files; resume it on its own layout instead")
+        raise error(f"{folder} holds no {what}-stage*-tp*.pt files: it was saved by a distlm older than the "
+                    f"layout-independent {what} files; resume it on its own layout instead")
     tp_size, pp, missing = _missing(shards)
     if missing:
-        raise FileNotFoundError(f"{folder} lacks the model files of (stage, tp rank) {missing}: "
-                                f"an incomplete copy of the checkpoint")
+        raise error(f"{folder} lacks the {what} files of (stage, tp rank) {missing}: an incomplete copy of the checkpoint")
+    return shards, tp_size, pp
+
+
+def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The one-process state dict (float32) from a checkpoint folder of any layout."""
+    shards, tp_size, pp = _complete_shards(Path(folder), SHARD_RE, "model", FileNotFoundError)
     return _join(shards, "tensors", tp_size, pp)
 
 
@@ -349,14 +353,7 @@ def consolidated_optimizer_state(folder: str | Path) -> dict:
     as in :func:`consolidated_state_dict`.
     """
     folder = Path(folder)
-    shards = _read_shards(folder, OPTIM_RE, _torch_load)
-    if not shards:
-        raise CheckpointError(f"{folder} holds no optim-stage*-tp*.pt files: it was saved by a distlm older than the "
-                              f"layout-independent optimizer files; resume it on its own layout instead")
-    tp_size, pp, missing = _missing(shards)
-    if missing:
-        raise CheckpointError(f"{folder} lacks the optimizer files of (stage, tp rank) {missing}: "
-                              f"an incomplete copy of the checkpoint")
+    shards, tp_size, pp = _complete_shards(folder, OPTIM_RE, "optim", CheckpointError)
     steps = {optim_file(*k): s["step"] for k, s in shards.items()}
     if len(set(steps.values())) != 1:
         raise CheckpointError(f"{folder}: the optimizer files disagree on the step: {steps}")

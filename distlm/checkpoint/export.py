@@ -144,6 +144,12 @@ def _check_state(state: dict[str, torch.Tensor], cfg, folder: Path) -> None:
 # --------------------------------------------------------------------------- conversions
 
 
+def _common_config(cfg) -> dict:
+    """config.json keys both styles share: no tokenizer ids (none is exported), fp32 weights."""
+    return {"tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": None, "eos_token_id": None,
+            "pad_token_id": None, "use_cache": True, "torch_dtype": "float32"}
+
+
 def _gpt2(state: dict[str, torch.Tensor], cfg, hidden: int) -> tuple[dict, dict]:
     import torch
 
@@ -195,12 +201,7 @@ def _gpt2(state: dict[str, torch.Tensor], cfg, hidden: int) -> tuple[dict, dict]
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        "use_cache": True,
-        "torch_dtype": "float32",
+        **_common_config(cfg),
     }
     return out, config
 
@@ -244,12 +245,7 @@ def _llama(state: dict[str, torch.Tensor], cfg, hidden: int) -> tuple[dict, dict
         "mlp_bias": cfg.bias,
         "attention_dropout": 0.0,
         "pretraining_tp": 1,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": None,
-        "eos_token_id": None,
-        "pad_token_id": None,
-        "use_cache": True,
-        "torch_dtype": "float32",
+        **_common_config(cfg),
     }
     return out, config
 

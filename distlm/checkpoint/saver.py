@@ -61,7 +61,7 @@ class _InFlight:
     writer: FileWriter
     config: dict
     pending: list = field(default_factory=list)   # (path, snapshot or bytes) still to write
-    blocked_s: float = 0.0                        # time the training thread spent on this save
+    blocked_s: float = 0.0                        # async: time the training thread spent on this save
     started: float = field(default_factory=time.perf_counter)
     thread: Optional[threading.Thread] = None
 
@@ -88,8 +88,6 @@ class Saver:
         self.shard_payloads, self.rng_payload, self.log = shard_payloads, rng_payload, log
         self.errors = errors          # failed saves over the whole run (kept in the train state)
         self.protect = protect        # the step resumed from: retention never deletes it
-        self.last_blocked_s = 0.0
-        self.last_committed: Optional[Path] = None
         from distlm.checkpoint.ds_engine import RoutedCheckpointEngine  # imports DeepSpeed: only once a run starts
 
         self.io = RoutedCheckpointEngine()
@@ -138,11 +136,7 @@ class Saver:
             state.checkpoint_errors = self.errors
             record = {"format": manifest_file.FORMAT, "step": state.step, "state": asdict(state),
                       "world_size": self.ctx.world_size, "saved_at": time.time(), "config": config}
-            data = json.dumps(record, indent=1).encode()
-            if self.options.async_save:
-                flight.pending.append((tmp / STATE_FILE, data))
-            else:
-                flight.writer.write(tmp / STATE_FILE, data)
+            keep(tmp / STATE_FILE, json.dumps(record, indent=1).encode(), fresh=True)
         self._flight = flight
         if self.options.async_save:
             flight.thread = threading.Thread(target=flight.write_pending, name=f"save-{state.step}", daemon=True)
@@ -151,8 +145,6 @@ class Saver:
         else:
             flight.writer.finish()
             self.wait()
-            flight.blocked_s = time.perf_counter() - started
-        self.last_blocked_s = flight.blocked_s
 
     # ------------------------------------------------------------------ agree and commit
 
@@ -206,7 +198,6 @@ class Saver:
             final = flight.tmp.with_name(flight.tmp.name[: -len(TMP_SUFFIX)])
             self.log(f"WARNING: {final} is committed but 'latest' could not be updated ({e}); a resume still "
                      f"finds it")
-        self.last_committed = final
         took = time.perf_counter() - flight.started
         how = (f"written in the background in {took:.2f} s, training blocked {flight.blocked_s:.3f} s"
                if flight.thread is not None else f"saved in {took:.3f} s")
