@@ -9,8 +9,8 @@ module's working copy (bf16 or fp32), both moments, and every step counter of to
 so the next step is the one the saved run would have taken (up to the summation order a
 different layout brings).
 
-What is not restored: the random states (per rank; the caller restores them when the world
-size is unchanged) and DeepSpeed's loss scaler (fp16 only, which distlm does not use).
+What is not restored: the random states (per rank: a rank's streams belong to its old role, so
+the caller keeps the fresh ones) and DeepSpeed's loss scaler (fp16 only, refused here).
 """
 
 from __future__ import annotations
