@@ -61,7 +61,8 @@ def _final_weights(run_dir) -> dict:
 
 
 def _bytes_per_rank(run_dir) -> dict[int, int]:
-    """What each rank writes in one save, from a finished checkpoint's manifest (for byte offsets)."""
+    """What each rank writes in one save, from a finished checkpoint's manifest (for byte offsets; a
+    save's distlm.json may be a few bytes shorter than the last one's, hence the margin below)."""
     files = json.loads((run_dir / "checkpoints" / f"step-{STEPS:08d}" / "manifest.json").read_text())["files"]
     own = {0: ("mp_rank_", "zero_pp_rank_0_", "distlm-rank00000", "model-stage", "optim-stage", "distlm.json"),
            1: ("zero_pp_rank_1_", "distlm-rank00001")}
@@ -81,7 +82,8 @@ def _kill_points(rng: random.Random, bytes_per_rank: dict[int, int]) -> list[Fau
             points.append(Fault(rank=rng.randrange(2), step=step, phase="step"))
         elif rng.random() < 0.6:
             rank = rng.randrange(2)
-            points.append(Fault(rank=rank, step=step, phase="save.write", offset=rng.randrange(1, bytes_per_rank[rank])))
+            offset = rng.randrange(1, bytes_per_rank[rank] - 512)
+            points.append(Fault(rank=rank, step=step, phase="save.write", offset=offset))
         else:
             points.append(Fault(rank=0, step=step, phase=rng.choice(COMMIT_PHASES)))
     return points
