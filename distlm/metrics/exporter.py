@@ -1,0 +1,231 @@
+"""Prometheus metrics: one HTTP endpoint per rank, its own registry.
+
+Listener rules (reliability matrix row 21): the endpoint binds ``metrics.bind`` exactly
+(127.0.0.1 unless the user sets it), rank r serves on ``metrics.port + local_rank``, and a port
+that cannot be bound warns and leaves training running with an exporter that records but serves
+nothing, so the training loop never branches on whether metrics are being served.
+
+Every series carries the constant labels ``run``, ``rank`` and ``node``; labels stay bounded,
+so no step number is ever a label.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import socket
+import subprocess
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+import distlm
+from distlm.config import MetricsConfig
+
+CONSTANT_LABELS = ("run", "rank", "node")
+
+# Steps range from tens of milliseconds (small models, tests) to around a minute (large models
+# with much gradient accumulation); buckets cover that span so straggler panels keep resolution.
+STEP_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+                         7.5, 10.0, 15.0, 20.0, 30.0, 60.0, float("inf"))
+
+SKIP_REASONS = ("nonfinite", "spike")
+
+
+def start_exporter(cfg: MetricsConfig, rank: int, local_rank: int, run: str,
+                   warn: Callable[[str], None]) -> "Exporter | None":
+    """None when cfg.enabled is false. Serves on (cfg.bind, cfg.port + local_rank) from its own
+    CollectorRegistry (never the global one). A port that is taken (or any OSError on bind) calls
+    warn(...) with a message naming rank, host:port, the OS error and what to do (metrics.port=... or
+    stop the other process), and returns an Exporter that records but serves nothing (so callers
+    never branch on None except for 'disabled')."""
+    if not cfg.enabled:
+        return None
+    exporter = Exporter(rank=rank, run=run)
+    port = cfg.port + local_rank
+    try:
+        # Pass cfg.bind through untouched: prometheus_client's own default is 0.0.0.0, and the
+        # point of the setting is that the user, not the library, decides the exposure.
+        server, thread = start_http_server(port, addr=cfg.bind, registry=exporter.registry)
+    except (OSError, OverflowError) as err:  # OverflowError: port + local_rank beyond 65535
+        warn(_bind_failure_message(rank, cfg.bind, port, err))
+        return exporter
+    exporter._serve_with(server, thread)
+    return exporter
+
+
+class Exporter:
+    """The metrics of one rank; serves them over HTTP when its port could be bound."""
+
+    def __init__(self, rank: int, run: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.address: tuple[str, int] | None = None
+        self._server = None
+        self._thread = None
+        self._constant = {"run": run, "rank": str(rank), "node": socket.gethostname()}
+        # The last running totals seen, per counter key, so counters advance by differences.
+        self._last_totals: dict[str, float] = {}
+        self._define_series()
+        self._publish_build_info()
+
+    # ------------------------------------------------------------------ recording
+
+    def step(self, row: dict) -> None:
+        """Record one logged row of the training loop (see distlm.metrics.logger)."""
+        self._set_if_present(self._loss, row.get("loss"))
+        self._set_if_present(self._learning_rate, row.get("lr"))
+        self._set_if_present(self._grad_norm, row.get("grad_norm"))
+        self._set_if_present(self._mfu_ratio, row.get("mfu"))
+        self._set_if_present(self._memory_allocated, row.get("mem_bytes"))
+        if row.get("tokens") is not None:
+            self._advance_counter(self._tokens, "tokens", row["tokens"])
+        for kind, count in (row.get("data_errors") or {}).items():
+            self._advance_counter(self._data_errors.labels(kind=str(kind)), f"data_errors/{kind}", count)
+        if _is_finite_number(row.get("ms_per_step")):
+            self._step_duration.observe(row["ms_per_step"] / 1000.0)
+        self.heartbeat(row["step"])
+
+    def heartbeat(self, step: int) -> None:
+        """Every step: proof of life for the 'training stalled' alert, without the cost of a row."""
+        self._last_step_timestamp.set(time.time())
+        self._step.set(step)
+
+    def skipped_step(self, reason: str) -> None:
+        self._skipped_steps.labels(reason=reason).inc()
+
+    def checkpoint_saved(self, seconds: float) -> None:
+        self._checkpoint_save_duration.set(seconds)
+        self._checkpoint_last_success.set(time.time())
+
+    def restarts(self, count: int) -> None:
+        self._advance_counter(self._restarts, "restarts", count)
+
+    # ------------------------------------------------------------------ serving
+
+    def close(self) -> None:
+        """Stop serving and free the port; recording keeps working (into nothing that is served)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self.address = None
+
+    def _serve_with(self, server, thread) -> None:
+        self._server, self._thread = server, thread
+        host, port = server.server_address[:2]  # IPv6 addresses are 4-tuples
+        self.address = (host, port)
+
+    # ------------------------------------------------------------------ internals
+
+    def _define_series(self) -> None:
+        self._loss = self._gauge("distlm_loss", "Training loss of the last logged step.")
+        self._learning_rate = self._gauge("distlm_learning_rate", "Learning rate of the last logged step.")
+        self._grad_norm = self._gauge("distlm_grad_norm", "Gradient norm (before clipping) of the last logged step.")
+        self._mfu_ratio = self._gauge("distlm_mfu_ratio", "Model FLOPs utilisation, 0..1.")
+        self._step = self._gauge("distlm_step", "The optimizer step last reached.")
+        self._last_step_timestamp = self._gauge(
+            "distlm_last_step_timestamp_seconds", "Unix time of the last completed step (heartbeat).")
+        self._memory_allocated = self._gauge(
+            "distlm_memory_allocated_bytes", "Accelerator memory allocated at the last logged step.")
+        self._checkpoint_save_duration = self._gauge(
+            "distlm_checkpoint_save_duration_seconds", "How long the last successful checkpoint save took.")
+        self._checkpoint_last_success = self._gauge(
+            "distlm_checkpoint_last_success_timestamp_seconds", "Unix time of the last successful checkpoint save.")
+        self._tokens = self._counter("distlm_tokens_total", "Training tokens processed.")
+        self._restarts = self._counter("distlm_restarts_total", "Times this run was restarted.")
+        self._data_errors = self._counter(
+            "distlm_data_errors_total", "Bad data met by the loader, by kind.", ("kind",))
+        self._skipped_steps = self._counter(
+            "distlm_skipped_steps_total", "Optimizer steps skipped, by reason.", ("reason",))
+        for reason in SKIP_REASONS:  # present at zero from the start, so increase() sees the first skip
+            self._skipped_steps.labels(reason=reason)
+        self._step_duration = Histogram(
+            "distlm_step_duration_seconds", "Wall time of one optimizer step.",
+            CONSTANT_LABELS, registry=self.registry, buckets=STEP_DURATION_BUCKETS,
+        ).labels(**self._constant)
+
+    def _publish_build_info(self) -> None:
+        build_info = Gauge("distlm_build_info", "The distlm build serving these metrics.",
+                           CONSTANT_LABELS + ("version", "git_sha"), registry=self.registry)
+        build_info.labels(**self._constant, version=distlm.__version__, git_sha=_git_sha()).set(1)
+
+    def _gauge(self, name: str, documentation: str):
+        return Gauge(name, documentation, CONSTANT_LABELS, registry=self.registry).labels(**self._constant)
+
+    def _counter(self, name: str, documentation: str, extra_labels: tuple[str, ...] = ()):
+        """A counter with the constant labels bound; with extra labels, a parent still to label."""
+        counter = Counter(name, documentation, CONSTANT_LABELS + extra_labels, registry=self.registry)
+        if extra_labels:
+            return _BoundLabels(counter, self._constant)
+        return counter.labels(**self._constant)
+
+    def _advance_counter(self, counter, key: str, running_total: float) -> None:
+        """Make a counter follow a running total by incrementing the difference.
+
+        A Prometheus counter must never decrease within one process (a drop reads as a process
+        restart and rate() would count the whole value again), so a lower total only moves the
+        baseline: the counter stays where it is, and later totals add what they add above the new
+        baseline. That happens when a run rolls back in-process (reload of an older checkpoint)
+        or a resumed run reports a smaller total. Counting the re-done work again is deliberate:
+        rate(distlm_tokens_total) is the tokens/s the hardware actually processes, and holding a
+        high-water mark instead would show zero throughput (and fire the throughput alert) while
+        the rolled-back steps are repeated. The counter therefore equals row['tokens'] until the
+        first rollback and exceeds it afterwards by the work that was repeated.
+        """
+        if not _is_finite_number(running_total):
+            return
+        increase = running_total - self._last_totals.get(key, 0)
+        if increase > 0:
+            counter.inc(increase)
+        self._last_totals[key] = running_total
+
+    @staticmethod
+    def _set_if_present(gauge, value) -> None:
+        # NaN stays (a NaN loss is exactly what the dashboard must show); None means "not measured".
+        if value is not None:
+            gauge.set(value)
+
+
+class _BoundLabels:
+    """A labelled metric with the constant labels already filled in: .labels(kind=...) adds the rest."""
+
+    def __init__(self, metric, constant: dict[str, str]):
+        self._metric = metric
+        self._constant = constant
+
+    def labels(self, **extra: str):
+        return self._metric.labels(**self._constant, **extra)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bind_failure_message(rank: int, host: str, port: int, err: BaseException) -> str:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if getattr(err, "errno", None) == errno.EADDRINUSE:
+        problem = f"port {port} is taken (already in use by another process)"
+    else:
+        problem = "the address cannot be bound"
+    return (f"metrics: rank {rank} cannot serve Prometheus metrics on {where}: {problem} ({err}). "
+            f"Training goes on without this endpoint. Set metrics.port=... to a free base port "
+            f"(rank r uses port + local_rank) or stop the other process.")
+
+
+@lru_cache(maxsize=1)
+def _git_sha() -> str:
+    """The short commit of the source tree distlm runs from; 'unknown' for installs without git."""
+    package_parent = Path(distlm.__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package_parent,
+                              capture_output=True, text=True, timeout=2, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
