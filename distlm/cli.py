@@ -11,14 +11,18 @@ which runs ``torchrun --standalone --nproc_per_node 2 -m distlm train ...``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from distlm import __version__
 
-EXIT_CONFIG_ERROR = 2
-EXIT_DATA_ERROR = 3
-EXIT_CHECKPOINT_ERROR = 4
-EXIT_EXPORT_ERROR = 5
+from distlm.fault import exit_codes
+
+# The codes under their older names, for scripts that import them.
+EXIT_CONFIG_ERROR = exit_codes.CONFIG_ERROR
+EXIT_DATA_ERROR = exit_codes.DATA_ERROR
+EXIT_CHECKPOINT_ERROR = exit_codes.CHECKPOINT_ERROR
+EXIT_EXPORT_ERROR = exit_codes.EXPORT_ERROR
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -153,30 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distlm.checkpoint.errors import CheckpointError
-    from distlm.checkpoint.export import ExportError
-    from distlm.config import ConfigError
-    from distlm.data.inputs import InputError
-    from distlm.data.shards import ShardError
-
+    """Run one command; every way it can end has its exit code (``distlm.fault.exit_codes``)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ExportError as e:
-        print(f"distlm: export error: {e}", file=sys.stderr)
-        return EXIT_EXPORT_ERROR
-    except ConfigError as e:
-        print(f"distlm: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except (InputError, ShardError, FileNotFoundError) as e:
-        print(f"distlm: data error: {e}", file=sys.stderr)
-        return EXIT_DATA_ERROR
-    except CheckpointError as e:
-        print(f"distlm: checkpoint error: {e}", file=sys.stderr)
-        return EXIT_CHECKPOINT_ERROR
     except KeyboardInterrupt:
         print("distlm: interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
+    except Exception as e:
+        code = exit_codes.code_for(e)
+        if code == exit_codes.FAILED:
+            raise  # unexpected: the traceback is the message
+        kind = next((name for c, name, _, _ in exit_codes.TABLE if c == code), "error")
+        print(f"distlm: {kind}: {e}", file=sys.stderr, flush=True)
+        if getattr(e, "immediate", False):
+            # Peers are gone: Python's teardown would wait on their process group.
+            sys.stdout.flush()
+            os._exit(code)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,134 @@
+"""Process exit codes of ``distlm train``: one per way a run can end, so launchers can decide.
+
+A SLURM script or a supervisor reads the code (or ``RUN_DIR/exit.json``, which also survives
+torchrun: torchrun itself exits 1 whatever its workers' codes were) and decides whether a
+requeue makes sense. The README's table is generated from ``TABLE``; keep them together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from distlm.fsutil import atomic_write_text
+
+OK = 0
+FAILED = 1                 # an unexpected error: Python's own code for an uncaught exception
+CONFIG_ERROR = 2
+DATA_ERROR = 3
+CHECKPOINT_ERROR = 4
+EXPORT_ERROR = 5
+PREEMPTED = 75             # EX_TEMPFAIL: a signal asked the run to stop; it saved and stopped
+PREEMPTED_UNSAVED = 76     # a second signal, or the save ran past its budget: the previous checkpoint stands
+HANG = 77                  # the watchdog saw no step progress for fault.hang_timeout_s
+PEER_LOST = 78             # a collective failed: another rank died or the network broke
+BAD_STEPS = 79             # fault.max_bad_steps bad steps in a row (NaN/Inf or loss spikes)
+CRASH_LOOP = 80            # fault.max_restarts_without_progress restarts resumed from the same step
+INTERRUPTED = 130          # Ctrl-C
+
+# (code, name, meaning, requeue?) in the order the README lists them.
+TABLE = [
+    (OK, "finished", "reached train.max_steps; the last checkpoint is the final one", "no"),
+    (FAILED, "error", "an unexpected error; the traceback is in the log", "after a look"),
+    (CONFIG_ERROR, "config error", "the config or an override is wrong; the message names the key", "no"),
+    (DATA_ERROR, "data error", "the data is missing or damaged past data.max_error_rate", "no"),
+    (CHECKPOINT_ERROR, "checkpoint error", "no usable checkpoint to resume from, or a save failed "
+                                           "(checkpoint.on_error=stop)", "no"),
+    (EXPORT_ERROR, "export error", "`distlm export` cannot map the model", "no"),
+    (PREEMPTED, "preempted, saved", "SIGTERM/SIGUSR1/SIGUSR2: every rank stopped at a step boundary "
+                                    "after a checkpoint", "yes"),
+    (PREEMPTED_UNSAVED, "preempted, not saved", "a second signal, or the save ran past "
+                                                "fault.preempt_save_timeout_s; the previous checkpoint "
+                                                "is intact", "yes"),
+    (HANG, "hang", "no step progress for fault.hang_timeout_s; the log names the stuck rank and "
+                   "RUN_DIR/hangs/ holds every thread's stack", "yes"),
+    (PEER_LOST, "peer lost", "a collective failed: another rank died or the network broke", "yes"),
+    (BAD_STEPS, "too many bad steps", "fault.max_bad_steps updates in a row skipped for NaN/Inf or a "
+                                      "loss spike", "no"),
+    (CRASH_LOOP, "crash loop", "fault.max_restarts_without_progress starts in a row resumed from the "
+                               "same step: do not requeue", "no"),
+    (INTERRUPTED, "interrupted", "Ctrl-C", "no"),
+]
+
+EXIT_FILE = "exit.json"
+EXITS_LOG = "exits.jsonl"  # every recorded ending, oldest first (exit.json is only the last)
+
+
+def record_exit(run_dir: str | os.PathLike, code: int, reason: str, rank: int, step: int | None) -> None:
+    """Write ``RUN_DIR/exit.json`` (atomically): the code, why, and which rank said so.
+
+    Best effort: the run is ending anyway, and a full disk must not hide the real exit code.
+    """
+    record = {"code": code, "name": next((n for c, n, _, _ in TABLE if c == code), "error"),
+              "reason": reason, "rank": rank, "step": step, "host": socket.gethostname(),
+              "time": time.time()}
+    try:
+        atomic_write_text(Path(run_dir) / EXIT_FILE, json.dumps(record, indent=1) + "\n")
+        with open(Path(run_dir) / EXITS_LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError:
+        pass
+
+
+class RunEnded(Exception):
+    """A way for the run to end that has its own exit code; ``distlm.cli`` maps it.
+
+    ``immediate``: leave with ``os._exit`` after the message, without Python's teardown, which
+    would wait on a process group whose peers are gone.
+    """
+
+    code = FAILED
+    immediate = False
+
+
+class Preempted(RunEnded):
+    code = PREEMPTED
+
+
+class PreemptedUnsaved(RunEnded):
+    """The preemption save failed (a peer died, the disk filled): the previous checkpoint stands."""
+
+    code = PREEMPTED_UNSAVED
+    immediate = True
+
+
+class PeerLost(RunEnded):
+    code = PEER_LOST
+    immediate = True
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether a collective failed because another rank or the network did (not a bug here).
+
+    gloo raises a plain RuntimeError ("Connection closed by peer", "Connection reset by peer",
+    a timeout); NCCL and the c10d store raise torch.distributed's DistError family.
+    """
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(marker in text for marker in (
+        "Connection closed by peer", "Connection reset by peer", "gloo/transport", "Timed out waiting",
+        "NCCL communicator was aborted", "Socket Timeout", "Broken pipe"))
+
+
+def code_for(error: BaseException) -> int:
+    """The exit code of an exception that ends ``distlm`` (FAILED for anything unexpected)."""
+    from distlm.checkpoint.errors import CheckpointError
+    from distlm.checkpoint.export import ExportError
+    from distlm.config import ConfigError
+    from distlm.data.inputs import InputError
+    from distlm.data.shards import ShardError
+
+    if isinstance(error, RunEnded):
+        return error.code
+    for kinds, code in (((ExportError,), EXPORT_ERROR), ((ConfigError,), CONFIG_ERROR),
+                        ((InputError, ShardError, FileNotFoundError), DATA_ERROR),
+                        ((CheckpointError,), CHECKPOINT_ERROR), ((KeyboardInterrupt,), INTERRUPTED)):
+        if isinstance(error, kinds):
+            return code
+    return FAILED
