@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from distlm.fault.preemption import ignore_in_worker
+
 from .blend import BlendSchedule, Source
 from .remote import expand_urls
 from .shards import Manifest, ShardError, ShardReader, SplitInfo, load_manifest
@@ -658,5 +660,6 @@ def make_loader(
         # torch RNG, shifting the training process's dropout stream: resumes would not be exact.
         generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
+        worker_init_fn=ignore_in_worker,  # a preemption signal is the trainer's to act on
     )
     return _raise_handed_over(iter(loader))

@@ -1,0 +1,149 @@
+"""Preemption: SIGTERM, SIGUSR1 and SIGUSR2 only raise a flag; the ranks agree at a step boundary.
+
+A scheduler that needs the node back (SLURM preemption, ``scancel``, a spot reclaim) sends a
+signal and a grace period. Doing the save inside the signal handler would run it at an
+arbitrary point of a step, on one rank, while the others compute: instead the handler only
+records the signal, and at the next step boundary every rank learns, with one small
+all-reduce, whether any rank was signalled. Then all save the same step and exit together
+with ``exit_codes.PREEMPTED`` (the lingua / Megatron ``dist_signal_handler`` pattern).
+
+A second signal means "now": the process exits at once with ``PREEMPTED_UNSAVED``. That is
+safe at any instant because a checkpoint becomes visible only by an atomic rename; a save cut
+short leaves the previous one. The second signal must work even while the main thread waits
+in a collective (where Python signal handlers cannot run), so the signals are read by a
+small thread from ``signal.set_wakeup_fd``, which the C-level handler writes at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Optional
+
+import torch
+
+from distlm.fault import exit_codes
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Preemption:
+    """This process's preemption flag; ``install()`` in the main thread once the process group is up."""
+
+    def __init__(self, rank: int, on_exit: Callable[[int, str], None] = lambda code, reason: None):
+        self.rank = rank
+        self.on_exit = on_exit          # records exit.json before an immediate exit
+        self.signal_name: Optional[str] = None
+        self.received_at: Optional[float] = None
+        self._old_handlers: dict = {}
+        self._old_wakeup_fd = -1
+        self._reader: Optional[socket.socket] = None
+        self._writer: Optional[socket.socket] = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def install(self) -> "Preemption":
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)  # the C handler must never block on a full pipe
+        for sig in SIGNALS:
+            # A no-op Python handler: installing one is what makes CPython write the signal
+            # number to the wakeup fd; the reader thread does the rest.
+            self._old_handlers[sig] = signal.signal(sig, _ignore)
+        self._old_wakeup_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._read_signals, name="distlm-preemption", daemon=True).start()
+        return self
+
+    def uninstall(self) -> None:
+        if self._reader is None:
+            return
+        signal.set_wakeup_fd(self._old_wakeup_fd)
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._writer.close()  # ends the reader thread
+        self._reader = None
+
+    def _read_signals(self) -> None:
+        while True:
+            try:
+                data = self._reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in SIGNALS:
+                    self._received(signal.Signals(signum).name)
+
+    def _received(self, name: str) -> None:
+        if self.signal_name is None:
+            self.signal_name, self.received_at = name, time.monotonic()
+            _say(f"rank {self.rank}: {name} received: saving at the next step boundary "
+                 f"(send it again to stop at once without saving)")
+            return
+        reason = f"a second signal ({name}) after {self.signal_name}: stopped at once, no new checkpoint"
+        _say(f"rank {self.rank}: {reason}; the last committed checkpoint is intact")
+        self.on_exit(exit_codes.PREEMPTED_UNSAVED, reason)
+        os._exit(exit_codes.PREEMPTED_UNSAVED)
+
+    def agreed(self, device: torch.device) -> Optional[str]:
+        """At a step boundary, on every rank: None, or "SIGTERM on rank R" if any rank was signalled.
+
+        One all-reduce (MAX) of two numbers per rank: its signal number, and ``world - rank``
+        when signalled, so that the maximum names the lowest signalled rank.
+        """
+        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            return f"{self.signal_name} on rank {self.rank}" if self.requested else None
+        world = torch.distributed.get_world_size()
+        signum = int(getattr(signal, self.signal_name)) if self.requested else 0
+        flags = torch.tensor([signum, world - self.rank if self.requested else 0], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signum, complement = (int(v) for v in flags.tolist())
+        if signum == 0:
+            return None
+        return f"{signal.Signals(signum).name} on rank {world - complement}"
+
+
+def _ignore(signum, frame) -> None:
+    """The Python-level handler: nothing; the wakeup-fd reader thread handles the signal."""
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def save_deadline(seconds: float, on_expire: Callable[[], None]):
+    """Run the block; if it takes longer than ``seconds`` (> 0), call ``on_expire`` from a timer thread.
+
+    ``on_expire`` is expected to end the process (a preemption save must not outlive the
+    scheduler's grace period: better the previous checkpoint than a SIGKILL mid-commit).
+    """
+    if seconds <= 0:
+        yield
+        return
+    timer = threading.Timer(seconds, on_expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def ignore_in_worker(_worker_id: int = 0) -> None:
+    """For data-loader workers: the training process decides when to stop, not its workers.
+
+    A worker killed by the scheduler's SIGTERM would fail the loader before the save; one that
+    inherited the training process's wakeup fd would pass the signal on as if it were the
+    trainer's. So workers ignore the preemption signals and Ctrl-C.
+    """
+    signal.set_wakeup_fd(-1)
+    for sig in SIGNALS + (signal.SIGINT,):
+        signal.signal(sig, signal.SIG_IGN)
