@@ -41,6 +41,7 @@ class TrainState:
     elapsed_s: float = 0.0      # training wall time before this process started
     data: dict = field(default_factory=dict)  # the loader's position per source (train/data.py)
     checkpoint_errors: int = 0  # saves that failed (a full disk, ...) over the whole run
+    bad_steps: dict = field(default_factory=dict)  # skipped updates and the spike window (fault.bad_steps)
 
 
 # --------------------------------------------------------------------------- RNG

@@ -12,9 +12,12 @@ import copy
 import functools
 import inspect
 
+from typing import Optional
+
 import torch
 
 from distlm.config import BatchLayout, Config
+from distlm.fault.bad_steps import StepGuard
 
 
 def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
@@ -84,14 +87,17 @@ def build_optimizer(param_groups: list[dict], cfg: Config, device: torch.device)
 
 
 def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config, layout: BatchLayout,
-                 device: torch.device, mpu=None):
+                 device: torch.device, mpu=None, guard: Optional[StepGuard] = None):
     """Return the DeepSpeed engine (model, optimizer, accumulation and clipping in one object).
 
-    ``mpu``: the parallel groups when tp > 1 (a PipelineModule brings its own).
+    ``mpu``: the parallel groups when tp > 1 (a PipelineModule brings its own). ``guard``
+    vetoes bad updates from inside the optimizer's step (``distlm.fault.bad_steps``).
     """
     import deepspeed
 
     optimizer = build_optimizer(param_groups, cfg, device)
+    if guard is not None:
+        guard.attach(optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu,
                                            config=deepspeed_config(cfg, layout))
     if layout.dp == 1 and cfg.parallel.zero_stage == 0:
@@ -106,7 +112,25 @@ def build_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config, 
         # that also records the norm for the log line, counting tensor-parallel slices and
         # pipeline stages once each.
         engine.clip_fp32_gradients = functools.partial(_clip_and_record, engine, cfg.optim.grad_clip)
+    if guard is not None:
+        _feed_guard(guard, engine, plain_fp32(cfg))
     return engine
+
+
+def _feed_guard(guard: StepGuard, engine, check_norm: bool) -> None:
+    """Tell the guard where this engine keeps the step's loss and, where DeepSpeed checks no
+    NaN itself (plain fp32), the gradient norm the clipping hook recorded."""
+    if hasattr(engine, "train_batch"):  # the pipeline engine: the last stage holds the loss
+        guard.local_loss = lambda: _pipeline_loss(engine)
+    if check_norm:
+        guard.grad_norm = lambda: engine._global_grad_norm
+
+
+def _pipeline_loss(engine) -> Optional[torch.Tensor]:
+    """This step's mean loss on the pipeline's last stage (None on the others), before the update."""
+    if not engine.is_last_stage() or engine.total_loss is None:
+        return None
+    return engine.total_loss / engine.gradient_accumulation_steps()
 
 
 def _clip_and_record(engine, max_norm: float) -> None:

@@ -8,40 +8,54 @@ Both see the same micro-batches with the same loss weights, so both compute the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from distlm.fault import inject
+from distlm.fault.bad_steps import StepGuard
 from distlm.train.engine import global_grad_norm
 
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor   # mean loss over this rank's micro-batches, still on the device
-    grad_norm: float     # before clipping; NaN when not asked for
+    loss: torch.Tensor      # mean loss over this rank's micro-batches, still on the device
+    grad_norm: float        # before clipping; NaN when not asked for
+    skipped: Optional[str]  # why the update was not applied (bad_steps.NONFINITE / SPIKE), or None
 
 
-def train_step(engine, micro_batches: list, device: torch.device, want_grad_norm: bool) -> StepResult:
+def train_step(engine, micro_batches: list, device: torch.device, want_grad_norm: bool,
+               guard: Optional[StepGuard] = None, inject_step: int = 0) -> StepResult:
     """DeepSpeed scales each micro-batch's loss by 1/accumulation, clips and steps on the last one.
 
     Rows the loader skipped as damaged (targets all -100) carry no weight: each micro-batch's
     mean loss is weighted by its share of this rank's valid tokens, which is 1 when none is
     skipped, so the step is the mean over the valid tokens and not a mean of micro-batch means.
+    ``guard`` may veto the update (NaN/Inf, a loss spike). ``inject_step``: the step's number
+    (from 1) for fault injection, which may make this rank's loss NaN or spike.
     """
-    weights = valid_token_weights(micro_batches)
+    weights = [w * inject.loss_factor(inject_step) for w in valid_token_weights(micro_batches)]
+    guard = guard or StepGuard(spike_factor=0, spike_window=1)  # not attached: vetoes nothing
+    guard.begin_step()
     if is_pipeline(engine):
         loss = engine.train_batch(data_iter=pipeline_feed(micro_batches, weights, device))
     else:
         losses = []
-        for (tokens, targets, *_), weight in zip(micro_batches, weights):
+        for i, ((tokens, targets, *_), weight) in enumerate(zip(micro_batches, weights)):
             tokens = tokens.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             mb_loss = engine(tokens, targets)
             engine.backward(mb_loss * weight if weight != 1.0 else mb_loss)
-            engine.step()
+            inject.hit("backward", inject_step)  # fault tests: a signal in the middle of a step
             losses.append(mb_loss.detach() * weight)
+            if i == len(micro_batches) - 1:  # the step below applies the update: the guard sees the loss
+                step_loss = torch.stack(losses).float().mean()
+                guard.local_loss = lambda: step_loss
+            engine.step()
         loss = torch.stack(losses).float().mean()
+    skipped = guard.end_step()
     grad_norm = global_grad_norm(engine) if want_grad_norm else float("nan")  # a host sync: logged steps only
-    return StepResult(loss=loss.float(), grad_norm=grad_norm)
+    return StepResult(loss=loss.float(), grad_norm=grad_norm, skipped=skipped)
 
 
 def is_pipeline(engine) -> bool:
