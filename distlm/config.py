@@ -166,6 +166,34 @@ class CheckpointConfig:
 
 
 @dataclass
+class FaultConfig:
+    """What a long run does about preemption, hangs, bad steps and crash loops (README: exit codes)."""
+    hang_timeout_s: float = 900.0
+    """No step progress on a rank for this long: dump every thread's stack, name the stuck rank,
+    exit (code 77) so the launcher restarts from the last checkpoint. Must exceed the slowest
+    step, save and evaluation; 0 disables the watchdog."""
+    collective_timeout_s: float = 600.0
+    """The process groups' timeout: a collective that waits this long fails (and the run exits 78)."""
+    preempt_save_timeout_s: float = 0.0
+    """Seconds a save after SIGTERM/SIGUSR1/SIGUSR2 may take before the run exits without it
+    (the previous checkpoint stands; exit 76). Keep it under the scheduler's grace period; 0: no limit."""
+    max_bad_steps_in_row: int = 5
+    """Updates skipped in a row (NaN/Inf loss or gradient, loss spike) before the run stops (exit 79) or rolls back."""
+    spike_factor: float = 0.0
+    """Skip an update whose loss exceeds this times the mean of the last spike_window good steps
+    (e.g. 3.0); 0 disables spike detection. NaN/Inf steps are always skipped."""
+    spike_window: int = 50
+    """Good steps the rolling loss mean covers (kept in the checkpoint)."""
+    on_bad_steps: Literal["stop", "rollback"] = "stop"
+    """After max_bad_steps_in_row: stop, or reload the last checkpoint and go on past the data that caused it."""
+    max_rollbacks: int = 3
+    """Rollbacks in one run before on_bad_steps=rollback stops too."""
+    max_restarts_without_progress: int = 3
+    """Starts in a row that resumed from the same checkpoint and failed before the next one:
+    then the run refuses to start (exit 80, do not requeue); 0 disables the check."""
+
+
+@dataclass
 class MetricsConfig:
     enabled: bool = False
     """Serve Prometheus metrics from every rank."""
@@ -191,6 +219,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     deepspeed: dict = field(default_factory=dict)
     """Passed through to DeepSpeed's config, over the keys distlm derives (advanced use)."""
@@ -421,12 +450,23 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
     need(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr}) and optim.lr > 0")
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
     need(t.resume not in ("", None), "train.resume must be auto, never, or a checkpoint folder")
-    need(not cfg.metrics.enabled, "metrics.enabled=true: the Prometheus exporter is not built yet; "
-         "follow RUN_DIR/metrics.jsonl meanwhile")
+    _validate_fault(cfg.fault, need)
     need(1 <= cfg.metrics.port <= 65535, f"metrics.port must be a TCP port; got {cfg.metrics.port}")
     if t.seq_len is not None and m.max_seq_len is not None:
         need(t.seq_len <= m.max_seq_len, f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     return batch_layout(cfg, world_size)
+
+
+def _validate_fault(f: FaultConfig, need) -> None:
+    for key, value in (("fault.hang_timeout_s", f.hang_timeout_s), ("fault.preempt_save_timeout_s", f.preempt_save_timeout_s),
+                       ("fault.spike_factor", f.spike_factor), ("fault.max_rollbacks", f.max_rollbacks),
+                       ("fault.max_restarts_without_progress", f.max_restarts_without_progress)):
+        need(value >= 0, f"{key} must be 0 or more; got {value}")
+    need(f.collective_timeout_s > 0, f"fault.collective_timeout_s must be positive; got {f.collective_timeout_s}")
+    need(f.max_bad_steps_in_row >= 1, f"fault.max_bad_steps_in_row must be at least 1; got {f.max_bad_steps_in_row}")
+    need(f.spike_window >= 1, f"fault.spike_window must be at least 1; got {f.spike_window}")
+    need(f.spike_factor == 0 or f.spike_factor > 1,
+         f"fault.spike_factor must be above 1 (a loss that many times the rolling mean), or 0 to disable; got {f.spike_factor}")
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -31,18 +31,19 @@ def source_shards(root: Path, **options) -> Path:
     return out
 
 
-def distlm_command(args: list[str], nproc: int = 1) -> list[str]:
-    if nproc == 1:
+def distlm_command(args: list[str], nproc: int = 1, torchrun: tuple = ()) -> list[str]:
+    """``distlm ARGS`` in one process, or under torchrun (``torchrun``: its extra options)."""
+    if nproc == 1 and not torchrun:
         return [sys.executable, "-m", "distlm", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "distlm", *args]
+            *torchrun, "-m", "distlm", *args]
 
 
 def run_distlm(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:
+               check: bool = True, torchrun: tuple = ()) -> subprocess.CompletedProcess:
     """Run ``distlm ARGS`` in fresh processes; kill the whole process group on timeout."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(distlm_command(args, nproc), cwd=ROOT, env=full_env, text=True,
+    proc = subprocess.Popen(distlm_command(args, nproc, torchrun), cwd=ROOT, env=full_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -62,3 +63,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def step_rows(run_dir: Path) -> list[dict]:
     return [row for row in read_metrics(run_dir) if "loss" in row]
+
+
+def curve(run_dir: Path) -> list[tuple]:
+    """Every logged step's (step, loss, grad norm, LR, data digest): what "equals golden" compares."""
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["data_digest"]) for r in step_rows(run_dir)]
+
+
+def final_weights(run_dir: Path, step: int) -> dict:
+    """The weights of a single-stage, single-tp run's checkpoint of ``step``, by name."""
+    import torch
+
+    folder = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    return torch.load(folder / "model-stage00-tp00.pt", weights_only=True)["tensors"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from distlm.fault.inject import Fault
-from helpers import ROOT, read_metrics, run_distlm, source_shards
+from helpers import ROOT, curve, final_weights, read_metrics, run_distlm, same_weights, source_shards
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -48,16 +48,6 @@ def _args(data_dir, run_dir):
             "train.log_every=1", "train.batch_size=8", "train.eval_every=0", f"train.save_every={SAVE_EVERY}",
             "parallel.zero_stage=1", "model.dropout=0.1", "data.num_workers=1", "data.shuffle_blocks=4",
             "checkpoint.keep_last=2"]
-
-
-def _curve(run_dir) -> list[tuple]:
-    return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["data_digest"])
-            for r in read_metrics(run_dir) if "loss" in r]
-
-
-def _final_weights(run_dir) -> dict:
-    folder = run_dir / "checkpoints" / f"step-{STEPS:08d}"
-    return torch.load(folder / "model-stage00-tp00.pt", weights_only=True)["tensors"]
 
 
 def _bytes_per_rank(run_dir) -> dict[int, int]:
@@ -128,9 +118,8 @@ def test_killed_anywhere_and_resumed_equals_the_uninterrupted_run(data_dir, gold
 
     # The stale temporary folders of killed saves were cleaned at the next start.
     assert not [p.name for p in ckpt.iterdir() if p.name.endswith((".tmp", ".stale"))]
-    assert _curve(run_dir) == _curve(golden)                 # every step's loss, grad norm, LR, rows
-    mine, ref = _final_weights(run_dir), _final_weights(golden)
-    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in ref)
+    assert curve(run_dir) == curve(golden)                 # every step's loss, grad norm, LR, rows
+    assert same_weights(final_weights(run_dir, STEPS), final_weights(golden, STEPS))
 
 
 def _committed(ckpt) -> list[int]:
@@ -160,7 +149,7 @@ def test_an_async_save_on_a_slow_disk_keeps_its_step_and_one_in_flight(data_dir,
                      env={"DISTLM_FAULT": slow.to_env()}).stdout
     assert f"waiting for the save of step {SAVE_EVERY}" in out       # the next save waited: one in flight
     assert "written in the background" in out
-    assert _curve(run_dir) == _curve(golden)                        # training did not notice
+    assert curve(run_dir) == curve(golden)                        # training did not notice
     for step in _committed(golden / "checkpoints"):                  # each snapshot is exactly its step
         mine, ref = (d / "checkpoints" / f"step-{step:08d}" for d in (run_dir, golden))
         assert _same_tensors(torch.load(mine / "model-stage00-tp00.pt", weights_only=True),
@@ -197,4 +186,4 @@ def test_a_full_disk_mid_save_keeps_the_previous_checkpoint(data_dir, golden, tm
         assert counted == [int(r["step"] > full.step) for r in rows]
     final = json.loads((ckpt / f"step-{STEPS:08d}" / "distlm.json").read_text())
     assert final["state"]["checkpoint_errors"] == 1
-    assert _curve(run_dir) == _curve(golden)
+    assert curve(run_dir) == curve(golden)

@@ -40,6 +40,9 @@ def format_step_line(row: dict, max_steps: int, colour: bool = False) -> str:
         errors = row["data_errors"]
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(errors.items()) if k != "rows_skipped")
         parts.append(f"bad data: {errors.get('rows_skipped', 0)} rows skipped ({kinds})")
+    if row.get("skipped_steps"):
+        skipped = row["skipped_steps"]
+        parts.append(f"skipped {sum(skipped.values())} (" + ", ".join(f"{k} {n}" for k, n in sorted(skipped.items())) + ")")
     if row.get("mem_bytes"):
         parts.append(f"mem {row['mem_bytes'] / 2**30:.1f} GiB")
     line = " | ".join(parts)

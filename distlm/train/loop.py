@@ -6,18 +6,26 @@ its own module; this page only says in which order they are called.
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from distlm.checkpoint.state import TrainState
+from distlm.checkpoint.state import TrainState, saved_record
 from distlm.config import Config, ConfigError, data_sources, save_config, to_dict, validate, world_size_from_env
 from distlm.data import load_manifest, make_loader
 from distlm.data.shards import ShardError
-from distlm.fault import inject
+from distlm.checkpoint.manifest import MANIFEST
+from distlm.checkpoint.select import step_folders, step_of
+from distlm.fault import exit_codes, inject
+from distlm.fault.exit_codes import PeerLost, Preempted, PreemptedUnsaved, RunEnded, peer_failure
+from distlm.fault.preemption import save_deadline
 from distlm.metrics.logger import RunLog
 from distlm.metrics.mfu import device_peak_flops, mfu
 from distlm.model import flops_per_token, matmul_params, parameter_groups
@@ -37,6 +45,7 @@ from distlm.train.parallelize import (
 from distlm.train.resources import memory_bytes
 from distlm.train.schedule import learning_rate
 from distlm.train.step import train_step
+from distlm.train.supervision import Supervisor
 
 
 def resolve_from_data(cfg: Config) -> tuple[Config, bool]:
@@ -71,7 +80,11 @@ def resolve_from_data(cfg: Config) -> tuple[Config, bool]:
 
 
 def train(cfg: Config) -> dict:
-    """Train until ``train.max_steps``; return the last logged metrics (rank 0) for callers."""
+    """Train until ``train.max_steps``; return the last logged metrics (rank 0) for callers.
+
+    Ends by returning (finished), or by raising: a ``distlm.fault.exit_codes.RunEnded`` for
+    the ends that have their own exit code (preempted, hang, peer lost, bad steps, crash loop).
+    """
     # DeepSpeed 0.19.8 calls collectives that torch 2.13 renamed (reduce_scatter_tensor, ...):
     # one warning per call would bury the log line.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
@@ -82,18 +95,45 @@ def train(cfg: Config) -> dict:
     check_model_fits(cfg, layout)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    ctx = init_distributed(cfg.train.device, expected_world_size=world_size)
+    ctx = init_distributed(cfg.train.device, expected_world_size=world_size, timeout_s=cfg.fault.collective_timeout_s)
+    run_dir = Path(cfg.run.dir)
+    log = RunLog(run_dir, cfg.train.max_steps, enabled=ctx.is_main)
+    supervisor = Supervisor(cfg, ctx, run_dir, log.info)  # signals, watchdog, metrics endpoint
+    try:
+        last = _train(cfg, batch, has_val, layout, ctx, log, supervisor)
+    except RunEnded as e:  # every rank agreed to end this way (or, if immediate, cannot wait for the others)
+        supervisor.ended(e.code, str(e), own=e.immediate)
+        if not e.immediate:
+            shutdown_distributed()
+        raise
+    except Exception as e:
+        if ctx.world_size > 1 and peer_failure(e):
+            lost = PeerLost(f"rank {ctx.rank}: a collective failed at step {supervisor.step} ({type(e).__name__}: {e}). "
+                            f"Another rank died or the network failed (its log says which); restart the job "
+                            f"to resume from the last checkpoint")
+            supervisor.ended(lost.code, str(lost), own=True)
+            raise lost from e
+        supervisor.ended(exit_codes.code_for(e), f"{type(e).__name__}: {e}", own=True)
+        raise
+    finally:
+        supervisor.close()
+    supervisor.ended(exit_codes.OK, "finished")
+    shutdown_distributed()
+    return last
+
+
+def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, supervisor: Supervisor) -> dict:
     groups = ParallelGroups(layout, ctx.rank)
     run_dir = Path(cfg.run.dir)
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
-    log = RunLog(run_dir, cfg.train.max_steps, enabled=ctx.is_main)
 
     rng = seed_random(cfg.train.seed, groups, ctx.device)
     model = build_model(cfg, groups, rng)
     n_params = full_model_params(cfg)
     report = LayoutReport(cfg, groups, batch, model, log.info)  # before ZeRO-3 partitions the weights
+    guard = supervisor.guard  # vetoes NaN/Inf and spiking updates from inside the optimizer step
     engine = build_engine(model, parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings),
-                          cfg, batch, ctx.device, groups.mpu)
+                          cfg, batch, ctx.device, groups.mpu, guard=guard)
     # Every rank of a model replica (its tp ranks and stages) reads the replica's rows; one of
     # them counts them for the digest and the damaged-row totals.
     counts_data = groups.coords.tp_rank == 0 and groups.coords.stage == 0
@@ -101,6 +141,8 @@ def train(cfg: Config) -> dict:
 
     state = TrainState()
     resume_from = choose_resume(cfg, ckpt_dir, ctx, log.info)  # verified against its manifest
+    # Before loading: a load that crashes every time is a crash loop too.
+    supervisor.refuse_crash_loop(_step_of(resume_from), fresh_run=cfg.train.resume == "never")
     if resume_from is not None:
         state = resume(resume_from, engine, model, cfg, groups, ctx, saver, rng, log.info)
         dropped = log.truncate_after(state.step)
@@ -110,6 +152,7 @@ def train(cfg: Config) -> dict:
         kept = log.start_fresh()
         if kept:
             log.info(f"no checkpoint to resume from: the previous metrics.jsonl is kept as {kept}")
+    supervisor.resumed(state.bad_steps)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
     if not has_val:
@@ -135,7 +178,14 @@ def train(cfg: Config) -> dict:
     interval = _Interval()
     started = time.perf_counter() - state.elapsed_s
     first_step = state.step
+    saved_step = state.step  # the newest committed (or committing) checkpoint's step
     while state.step < cfg.train.max_steps:
+        supervisor.progress(state.step, "agree")
+        if not inject.skips("agree", state.step):  # fault tests make one rank skip this collective
+            signalled = supervisor.preemption_signal()  # one small all-reduce: any rank signalled?
+            if signalled:
+                state.elapsed_s = time.perf_counter() - started
+                _stop_for_preemption(signalled, state, saver, saved_step, cfg, supervisor, log)
         step = state.step
         lr = learning_rate(step, cfg.optim, cfg.train.max_steps)
         set_learning_rate(engine, lr)
@@ -144,6 +194,8 @@ def train(cfg: Config) -> dict:
         saving_now = final or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0)
         evaluating_now = has_val and (final or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0))
 
+        supervisor.progress(step, "data")
+        inject.hit("fetch", step + 1)
         wait_start = time.perf_counter()
         micro_batches = [next(batches) for _ in range(batch.grad_accum)]
         if cfg.data.on_error == "skip" and groups.replica_group is not None:
@@ -153,20 +205,28 @@ def train(cfg: Config) -> dict:
             data_errors.add(micro.errors)
             if counts_data:
                 digest.add(micro.targets)
+        supervisor.progress(step, "step")
         with report.around_step(step - first_step, engine):  # memory after the first, bytes of the second
-            result = train_step(engine, micro_batches, ctx.device, want_grad_norm=logging_now)
+            result = train_step(engine, micro_batches, ctx.device, want_grad_norm=logging_now, guard=guard,
+                                inject_step=step + 1)
         saver.poll()  # commits a background save once every rank has written its part
 
         state.step += 1
         state.rows_consumed += batch.global_batch
         state.tokens_seen += tokens_per_step
+        state.bad_steps = guard.state
         interval.steps += 1
         inject.hit("step", state.step)  # fault-injection tests stop a rank here (a no-op otherwise)
+        if supervisor.bad_step(result.skipped, state.step):
+            if not _roll_back(cfg, state, ckpt_dir, engine, model, groups, ctx, saver, rng, supervisor, log):
+                raise supervisor.too_many_bad_steps(state.step)
+            saved_step = state.step
+            continue
 
         if logging_now or saving_now:
             # One host sync, on the steps that need it: never log or save a diverged model.
             loss = all_reduce_mean(result.loss).item()
-            if not math.isfinite(loss):
+            if not math.isfinite(loss) and result.skipped is None:
                 raise FloatingPointError(f"loss is {loss} at step {state.step}: not saving. Lower optim.lr, "
                                          f"check the data, or resume from the last checkpoint")
             # The loader's position and the damaged-data counts of all ranks (a collective).
@@ -183,14 +243,21 @@ def train(cfg: Config) -> dict:
                     "source_rows": {src["name"]: src["rows"] for src in state.data["sources"]},
                     "source_tokens": {src["name"]: src["tokens"] for src in state.data["sources"]},
                     "data_errors": state.data["errors"], "checkpoint_errors": saver.errors,
+                    "skipped_steps": dict(guard.state["skipped"]),
                     "data_digest": digest.global_value(ctx.device)}
             log.step(last)
+            supervisor.logged(last)
             interval = _Interval()
         if saving_now:  # before evaluating: a failing evaluation must not cost the checkpoint
+            supervisor.progress(state.step, "save")
             state.elapsed_s = time.perf_counter() - started
+            save_start = time.perf_counter()
             saver.save(state, to_dict(cfg))
+            supervisor.saved(time.perf_counter() - save_start)
+            saved_step = state.step
             digest.restart()  # a run resumed from here starts its first interval here too
         if evaluating_now:
+            supervisor.progress(state.step, "eval")
             val_loss, n = evaluate(engine, cfg, batch, ctx, groups, data_errors=data_errors)
             log.eval({"step": state.step, "val_loss": val_loss, "val_batches": n,
                       "elapsed_s": time.perf_counter() - started})
@@ -198,11 +265,81 @@ def train(cfg: Config) -> dict:
         if saving_now or evaluating_now:
             interval = _Interval()  # keep their time out of the next throughput figure
 
+    supervisor.progress(state.step, "save")
     saver.close()  # an asynchronous save still in flight is finished and committed
     log.info(f"done: {state.step} steps, {state.tokens_seen / 1e6:.2f}M tokens in "
              f"{time.perf_counter() - started:.0f} s; run folder {run_dir}")
-    shutdown_distributed()
     return last
+
+
+def _stop_for_preemption(signalled: str, state: TrainState, saver, saved_step: int, cfg: Config,
+                         supervisor: Supervisor, log: RunLog) -> None:
+    """Every rank: save this step (unless it is saved already) within the budget, then raise Preempted."""
+    supervisor.progress(state.step, "save")
+    log.info(f"preemption: {signalled}; every rank stops at step {state.step}"
+             + (" after saving it" if state.step > saved_step else f" (step {saved_step} is saved already)"))
+
+    def out_of_time() -> None:
+        reason = (f"the preemption save of step {state.step} ran past fault.preempt_save_timeout_s="
+                  f"{cfg.fault.preempt_save_timeout_s:g}: stopped without it; the previous checkpoint stands")
+        print(f"distlm: {reason}", file=sys.stderr, flush=True)
+        supervisor.ended(exit_codes.PREEMPTED_UNSAVED, reason)
+        os._exit(exit_codes.PREEMPTED_UNSAVED)
+
+    started = time.perf_counter()
+    try:
+        with save_deadline(cfg.fault.preempt_save_timeout_s, out_of_time):
+            if state.step > saved_step:
+                saver.save(state, to_dict(cfg))
+            saver.close()  # waits for an asynchronous save and commits it
+    except Exception as e:  # a peer died, the disk filled, ...: what is committed stays
+        raise PreemptedUnsaved(f"{signalled}: the save of step {state.step} failed ({type(e).__name__}: {e}); "
+                               f"the newest committed checkpoint stands") from e
+    raise Preempted(f"{signalled}: saved step {state.step} in {time.perf_counter() - started:.1f} s and stopped; "
+                    f"start the run again to continue from it")
+
+
+def _roll_back(cfg: Config, state: TrainState, ckpt_dir: Path, engine, model, groups, ctx, saver, rng,
+               supervisor: Supervisor, log: RunLog) -> bool:
+    """fault.on_bad_steps=rollback: reload the newest checkpoint, keep reading the data from here on.
+
+    The weights and optimizer go back to the checkpoint; the data does not, so the window of
+    data that produced the bad steps is skipped. Returns False when rolling back is not
+    configured, not possible, or used up (the caller then stops the run).
+    """
+    guard = supervisor.guard
+    if cfg.fault.on_bad_steps != "rollback" or guard.state["rollbacks"] >= cfg.fault.max_rollbacks:
+        return False
+    saver.wait()
+    # The newest checkpoint from before the first bad step (one saved during the streak holds
+    # the same weights, and may hold the drift that led to it).
+    first_bad = state.step - guard.in_row + 1
+    before = [p for p in step_folders(ckpt_dir) if step_of(p) < first_bad and (p / MANIFEST).is_file()]
+    if not before:
+        log.info(f"rollback: no checkpoint before step {first_bad} to roll back to")
+        return False
+    chosen = copy.deepcopy(cfg)
+    chosen.train.resume = str(before[-1])
+    target = choose_resume(chosen, ckpt_dir, ctx, log.info)  # verified against its manifest
+    supervisor.progress(state.step, "rollback")
+    loaded = resume(target, engine, model, cfg, groups, ctx, saver, rng, log.info)
+    skipped_rows = state.rows_consumed - loaded.rows_consumed
+    guard.state.update(in_row=0, rollbacks=guard.state["rollbacks"] + 1, window=loaded.bad_steps.get("window", []))
+    log.info(f"rollback {guard.state['rollbacks']}/{cfg.fault.max_rollbacks}: weights and optimizer back to "
+             f"{target.name}; the data goes on from row {state.rows_consumed:,} ({skipped_rows:,} rows skipped)")
+    state.step, state.checkpoint_errors = loaded.step, max(state.checkpoint_errors, loaded.checkpoint_errors)
+    state.bad_steps = guard.state
+    return True
+
+
+def _step_of(checkpoint: Optional[Path]) -> int:
+    """The step a checkpoint folder holds (0: none); a folder not named step-N is read for it."""
+    if checkpoint is None:
+        return 0
+    try:
+        return step_of(checkpoint)
+    except AttributeError:  # not a step-N name: ask its record
+        return int(saved_record(checkpoint).get("step", 0))
 
 
 class _Interval:

@@ -1,0 +1,144 @@
+"""What watches a run besides the loop itself: signals, the watchdog, bad steps, crash loops, metrics.
+
+One :class:`Supervisor` per process. The loop tells it where it is (``progress``), asks it at
+each step boundary whether to stop (``preemption``), hands it each step's outcome
+(``bad_step``) and lets it record how the run ended (``ended``). The policies themselves live
+in ``distlm.fault``; this module only wires them to one run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from distlm.config import Config
+from distlm.fault import exit_codes
+from distlm.fault.bad_steps import BadStepError, StepGuard
+from distlm.fault.crash_loop import CrashLoopError, StartLog
+from distlm.fault.exit_codes import record_exit
+from distlm.fault.preemption import Preemption
+from distlm.fault.watchdog import HangReport, Watchdog
+from distlm.metrics.exporter import start_exporter
+from distlm.parallel.distributed import DistContext
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, ctx: DistContext, run_dir: Path, log: Callable[[str], None]):
+        self.cfg, self.ctx, self.run_dir, self.log = cfg, ctx, run_dir, log
+        self.step = 0
+        self.starts = StartLog(run_dir)
+        self.preemption = Preemption(ctx.rank, on_exit=self._record_exit).install()
+        self.watchdog = Watchdog(run_dir, ctx.rank, ctx.world_size, cfg.fault.hang_timeout_s,
+                                 on_hang=self._on_hang).start()
+        self.watchdog.progress(0, "startup")
+        self.exporter = start_exporter(cfg.metrics, ctx.rank, ctx.local_rank, cfg.run.name or run_dir.name,
+                                       warn=_say_on_every_rank)
+        self.guard = StepGuard(cfg.fault.spike_factor, cfg.fault.spike_window)
+
+    # ---------------------------------------------------------------- start
+
+    def refuse_crash_loop(self, resume_step: int, fresh_run: bool) -> None:
+        """Rank 0 reads the run's start log; every rank raises if this start would repeat a crash."""
+        refusal = None
+        if self.ctx.is_main:
+            if fresh_run:
+                self.starts.path.unlink(missing_ok=True)  # train.resume=never: a new run, a new count
+            try:
+                self.starts.check(resume_step, self.cfg.fault.max_restarts_without_progress)
+                self.starts.record_start(resume_step)
+            except CrashLoopError as e:
+                refusal = str(e)
+        if _any_rank(refusal is not None, self.ctx.device):
+            raise CrashLoopError(refusal or "rank 0 found a crash loop in RUN_DIR/starts.jsonl (its log says more)")
+
+    def resumed(self, bad_steps: dict) -> None:
+        self.guard.state.update(bad_steps or {})
+        if self.exporter is not None:
+            self.exporter.restarts(max(len(self.starts.starts()) - 1, 0) if self.ctx.is_main else 0)
+
+    # ---------------------------------------------------------------- each step
+
+    def progress(self, step: int, phase: str) -> None:
+        self.step = step
+        self.watchdog.progress(step, phase)
+
+    def preemption_signal(self) -> Optional[str]:
+        """At a step boundary, on every rank: "SIGTERM on rank R" if any rank was signalled."""
+        return self.preemption.agreed(self.ctx.device)
+
+    def bad_step(self, reason: Optional[str], step: int) -> bool:
+        """Log and count a skipped update; True when the run has had too many in a row."""
+        if reason is None:
+            return False
+        self.step = step
+        guard = self.guard
+        if self.exporter is not None:
+            self.exporter.skipped_step(reason)
+        self.log(f"step {step}: update SKIPPED on every rank ({guard.describe(reason)}); "
+                 f"{guard.in_row} in a row (limit fault.max_bad_steps_in_row={self.cfg.fault.max_bad_steps_in_row}), "
+                 f"{guard.skipped_total} in this run")
+        return guard.in_row >= self.cfg.fault.max_bad_steps_in_row
+
+    def too_many_bad_steps(self, step: int) -> BadStepError:
+        counts = ", ".join(f"{k} {n}" for k, n in sorted(self.guard.state["skipped"].items()))
+        return BadStepError(
+            f"{self.guard.in_row} updates in a row were skipped up to step {step} ({counts} in this run): "
+            f"the model or the data is broken. Resume from the last checkpoint with a lower optim.lr, "
+            f"check the data around this step, or set fault.on_bad_steps=rollback to skip past it")
+
+    def logged(self, row: dict) -> None:
+        if self.exporter is not None:
+            self.exporter.step(row)
+
+    def saved(self, seconds: float) -> None:
+        if self.exporter is not None:
+            self.exporter.checkpoint_saved(seconds)
+
+    # ---------------------------------------------------------------- end
+
+    def ended(self, code: int, reason: str, own: bool = False) -> None:
+        """Record how this start ended: rank 0 for endings every rank agreed on, any rank for
+        its ``own`` (an error only it saw, a lost peer)."""
+        name = next((n for c, n, _, _ in exit_codes.TABLE if c == code), "error")
+        if self.ctx.is_main:
+            ended = {exit_codes.OK: "finished", exit_codes.PREEMPTED: "preempted"}.get(code, name)
+            try:
+                self.starts.record_end(ended, self.step)
+            except OSError:
+                pass
+        if self.ctx.is_main or own:
+            self._record_exit(code, reason)
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        self.preemption.uninstall()
+        if self.exporter is not None:
+            self.exporter.close()
+
+    def _record_exit(self, code: int, reason: str) -> None:
+        record_exit(self.run_dir, code, reason, self.ctx.rank, self.step)
+
+    def _on_hang(self, report: HangReport) -> None:
+        self._record_exit(exit_codes.HANG, report.message())
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _say_on_every_rank(message: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
+
+
+def elapsed_since(start: Optional[float]) -> str:
+    return f"{time.monotonic() - start:.1f} s" if start is not None else "?"
