@@ -168,12 +168,14 @@ class CheckpointConfig:
 @dataclass
 class FaultConfig:
     """What a long run does about preemption, hangs, bad steps and crash loops (README: exit codes)."""
-    hang_timeout_s: float = 900.0
+    hang_timeout_s: float = 600.0
     """No step progress on a rank for this long: dump every thread's stack, name the stuck rank,
     exit (code 77) so the launcher restarts from the last checkpoint. Must exceed the slowest
     step, save and evaluation; 0 disables the watchdog."""
-    collective_timeout_s: float = 600.0
-    """The process groups' timeout: a collective that waits this long fails (and the run exits 78)."""
+    collective_timeout_s: float = 1800.0
+    """The process groups' timeout: a collective that waits this long fails (and the run exits 78).
+    It also bounds startup and resuming, which the watchdog does not watch; keep it above hang_timeout_s
+    so that a hang is reported by the watchdog, naming the stuck rank."""
     preempt_save_timeout_s: float = 0.0
     """Seconds a save after SIGTERM/SIGUSR1/SIGUSR2 may take before the run exits without it
     (the previous checkpoint stands; exit 76). Keep it under the scheduler's grace period; 0: no limit."""

@@ -20,4 +20,11 @@ if [ -z "${NPROC:-}" ]; then
   if [ "$gpus" -gt 0 ]; then NPROC=$gpus; else NPROC=2; fi
 fi
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m distlm train "$@"
+# After a torchrun restart (--max-restarts) the workers would otherwise share torchrun's
+# rendezvous store with the failed attempt's keys and connect to dead addresses (pytorch#135712);
+# with this each attempt gets a store of its own.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# MAX_RESTARTS: how often torchrun restarts the job after a failure (each restart resumes from
+# the last checkpoint; distlm refuses a start that would repeat a crash, exit code 80).
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" --max-restarts "${MAX_RESTARTS:-0}" \
+  -m distlm train "$@"

@@ -42,7 +42,9 @@ def distlm_command(args: list[str], nproc: int = 1, torchrun: tuple = ()) -> lis
 def run_distlm(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None,
                check: bool = True, torchrun: tuple = ()) -> subprocess.CompletedProcess:
     """Run ``distlm ARGS`` in fresh processes; kill the whole process group on timeout."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: as launch/local.sh, so torchrun restarts work (pytorch#135712).
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(env or {})}
     proc = subprocess.Popen(distlm_command(args, nproc, torchrun), cwd=ROOT, env=full_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -13,7 +13,6 @@ import socket
 import time
 from pathlib import Path
 
-from distlm.fsutil import atomic_write_text
 
 OK = 0
 FAILED = 1                 # an unexpected error: Python's own code for an uncaught exception
@@ -58,17 +57,36 @@ EXITS_LOG = "exits.jsonl"  # every recorded ending, oldest first (exit.json is o
 
 
 def record_exit(run_dir: str | os.PathLike, code: int, reason: str, rank: int, step: int | None) -> None:
-    """Write ``RUN_DIR/exit.json`` (atomically): the code, why, and which rank said so.
+    """Record an ending: appended to ``RUN_DIR/exits.jsonl``, and ``RUN_DIR/exit.json`` if it is the first.
 
-    Best effort: the run is ending anyway, and a full disk must not hide the real exit code.
+    The first ending of a start is its root cause (a rank stopped by a second signal, then its
+    peer losing it: the signal is the answer), so exit.json is created once and never
+    replaced; the loop removes it when a new start begins. Best effort: the run is ending
+    anyway, and a full disk must not hide the real exit code.
     """
     record = {"code": code, "name": next((n for c, n, _, _ in TABLE if c == code), "error"),
               "reason": reason, "rank": rank, "step": step, "host": socket.gethostname(),
               "time": time.time()}
+    folder = Path(run_dir)
     try:
-        atomic_write_text(Path(run_dir) / EXIT_FILE, json.dumps(record, indent=1) + "\n")
-        with open(Path(run_dir) / EXITS_LOG, "a") as f:
+        with open(folder / EXITS_LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
+        tmp = folder / f"{EXIT_FILE}.{socket.gethostname()}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        try:
+            os.link(tmp, folder / EXIT_FILE)  # atomic, and fails if another ending came first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    except OSError:
+        pass
+
+
+def forget_exit(run_dir: str | os.PathLike) -> None:
+    """A new start: the previous start's exit.json is history (exits.jsonl keeps it)."""
+    try:
+        (Path(run_dir) / EXIT_FILE).unlink()
     except OSError:
         pass
 

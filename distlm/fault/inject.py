@@ -102,6 +102,7 @@ def _due(phase: str, step: int) -> Optional[Fault]:
 
 
 _LOSS_FIRED: set[int] = set()
+_SIGNALLED: set[tuple[str, int]] = set()
 
 
 def loss_factor(step: int) -> float:
@@ -135,6 +136,9 @@ def hit(phase: str, step: int, offset: Optional[int] = None) -> None:
         return
     if fault.signal == "ENOSPC":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if (phase, step) in _SIGNALLED:  # a save's later writes pass the offset too: one signal per point
+        return
+    _SIGNALLED.add((phase, step))
     sig = getattr(signal, f"SIG{fault.signal}")
     targets = _children() if fault.children else []
     print(f"fault injection: rank {fault.rank} sends SIG{fault.signal} x{fault.count} at {phase} of step {step} "

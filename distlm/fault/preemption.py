@@ -56,6 +56,9 @@ class Preemption:
             # A no-op Python handler: installing one is what makes CPython write the signal
             # number to the wakeup fd; the reader thread does the rest.
             self._old_handlers[sig] = signal.signal(sig, _ignore)
+            # Restart interrupted system calls: gloo, NCCL and file writes in C++ would
+            # otherwise see EINTR in the middle of a collective or a checkpoint write.
+            signal.siginterrupt(sig, False)
         self._old_wakeup_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
         threading.Thread(target=self._read_signals, name="distlm-preemption", daemon=True).start()
         return self
@@ -92,7 +95,7 @@ class Preemption:
         self.on_exit(exit_codes.PREEMPTED_UNSAVED, reason)
         os._exit(exit_codes.PREEMPTED_UNSAVED)
 
-    def agreed(self, device: torch.device) -> Optional[str]:
+    def agreed(self, device: torch.device, group=None) -> Optional[str]:
         """At a step boundary, on every rank: None, or "SIGTERM on rank R" if any rank was signalled.
 
         One all-reduce (MAX) of two numbers per rank: its signal number, and ``world - rank``
@@ -103,7 +106,7 @@ class Preemption:
         world = torch.distributed.get_world_size()
         signum = int(getattr(signal, self.signal_name)) if self.requested else 0
         flags = torch.tensor([signum, world - self.rank if self.requested else 0], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
         signum, complement = (int(v) for v in flags.tolist())
         if signum == 0:
             return None
@@ -142,8 +145,29 @@ def ignore_in_worker(_worker_id: int = 0) -> None:
 
     A worker killed by the scheduler's SIGTERM would fail the loader before the save; one that
     inherited the training process's wakeup fd would pass the signal on as if it were the
-    trainer's. So workers ignore the preemption signals and Ctrl-C.
+    trainer's. So workers ignore the preemption signals and Ctrl-C, and die with their trainer
+    instead: a worker outliving a killed rank keeps that rank's sockets (inherited by fork)
+    open, so its peers would not see it die, and it would linger with the job's pipes.
     """
     signal.set_wakeup_fd(-1)
     for sig in SIGNALS + (signal.SIGINT,):
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -75,6 +76,8 @@ def init_distributed(device_choice: str = "auto", expected_world_size: Optional[
         # A direct `distlm train`: a world of one on loopback.
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                           RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    _warn_shared_store_after_restart()
+    _default_group_timeouts(timedelta(seconds=timeout_s))
     use_cuda = pick_device(device_choice, 0).type == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
                                timeout=timedelta(seconds=timeout_s), verbose=False)
@@ -89,6 +92,31 @@ def init_distributed(device_choice: str = "auto", expected_world_size: Optional[
         raise RuntimeError(f"the process group has {ctx.world_size} ranks but the launcher's environment "
                            f"said {expected_world_size}; the batch split was planned for that")
     return ctx
+
+
+def _default_group_timeouts(timeout: timedelta) -> None:
+    """Make ``timeout`` every later group's default too (tp, pp, dp and DeepSpeed's own groups).
+
+    torch gives each ``new_group`` without a timeout its backend's module default (30 min for
+    gloo, 10 for NCCL), not the default group's: fault.collective_timeout_s would otherwise
+    bind only the one group distlm creates itself.
+    """
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def _warn_shared_store_after_restart() -> None:
+    """torchrun restarts and its shared rendezvous store: the workers may read the failed attempt's
+    addresses and fail to connect (pytorch#135712). launch/local.sh sets the documented switch."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        print(f"distlm: WARNING: torchrun restart {restart} with its rendezvous store shared with the workers: "
+              f"connecting may fail on the previous attempt's addresses (pytorch#135712). Start torchrun with "
+              f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (launch/local.sh does).",
+              file=sys.stderr, flush=True)
 
 
 def _launched_by_mpi() -> bool:

@@ -286,17 +286,18 @@ def _stop_for_preemption(signalled: str, state: TrainState, saver, saved_step: i
         supervisor.ended(exit_codes.PREEMPTED_UNSAVED, reason)
         os._exit(exit_codes.PREEMPTED_UNSAVED)
 
-    started = time.perf_counter()
+    started, saving = time.perf_counter(), state.step > saved_step
     try:
         with save_deadline(cfg.fault.preempt_save_timeout_s, out_of_time):
-            if state.step > saved_step:
+            if saving:
                 saver.save(state, to_dict(cfg))
             saver.close()  # waits for an asynchronous save and commits it
     except Exception as e:  # a peer died, the disk filled, ...: what is committed stays
         raise PreemptedUnsaved(f"{signalled}: the save of step {state.step} failed ({type(e).__name__}: {e}); "
                                f"the newest committed checkpoint stands") from e
-    raise Preempted(f"{signalled}: saved step {state.step} in {time.perf_counter() - started:.1f} s and stopped; "
-                    f"start the run again to continue from it")
+    saved = f"saved step {state.step} in {time.perf_counter() - started:.1f} s" if saving else \
+        f"step {state.step} was saved already"
+    raise Preempted(f"{signalled}: {saved}; start the run again to continue from it")
 
 
 def _roll_back(cfg: Config, state: TrainState, ckpt_dir: Path, engine, model, groups, ctx, saver, rng,

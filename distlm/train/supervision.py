@@ -32,13 +32,26 @@ class Supervisor:
         self.cfg, self.ctx, self.run_dir, self.log = cfg, ctx, run_dir, log
         self.step = 0
         self.starts = StartLog(run_dir)
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            exit_codes.forget_exit(run_dir)
         self.preemption = Preemption(ctx.rank, on_exit=self._record_exit).install()
+        # Started by the loop's first progress(): building, loading and resuming can take far
+        # longer than a step; until then fault.collective_timeout_s is what bounds a hang.
         self.watchdog = Watchdog(run_dir, ctx.rank, ctx.world_size, cfg.fault.hang_timeout_s,
-                                 on_hang=self._on_hang).start()
-        self.watchdog.progress(0, "startup")
+                                 on_hang=self._on_hang)
         self.exporter = start_exporter(cfg.metrics, ctx.rank, ctx.local_rank, cfg.run.name or run_dir.name,
                                        warn=_say_on_every_rank)
+        if self.exporter is not None and self.exporter.address is not None:
+            host, port = self.exporter.address
+            log(f"metrics: rank 0 serves Prometheus on http://{host}:{port}/metrics "
+                f"(rank r on metrics.port + its local rank)")
         self.guard = StepGuard(cfg.fault.spike_factor, cfg.fault.spike_window)
+        # The per-step agreement goes over gloo on the host: on GPUs an NCCL all-reduce read
+        # back every step would stall the CPU until the GPU finished the step.
+        self.control_group, self.control_device = None, ctx.device
+        if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+            self.control_group, self.control_device = torch.distributed.new_group(backend="gloo"), torch.device("cpu")
 
     # ---------------------------------------------------------------- start
 
@@ -50,10 +63,10 @@ class Supervisor:
                 self.starts.path.unlink(missing_ok=True)  # train.resume=never: a new run, a new count
             try:
                 self.starts.check(resume_step, self.cfg.fault.max_restarts_without_progress)
-                self.starts.record_start(resume_step)
             except CrashLoopError as e:
                 refusal = str(e)
-        if _any_rank(refusal is not None, self.ctx.device):
+            self.starts.record_start(resume_step)  # a refused start is a start too (its line says so)
+        if _any_rank(refusal is not None, self.control_device, self.control_group):
             raise CrashLoopError(refusal or "rank 0 found a crash loop in RUN_DIR/starts.jsonl (its log says more)")
 
     def resumed(self, bad_steps: dict) -> None:
@@ -66,10 +79,13 @@ class Supervisor:
     def progress(self, step: int, phase: str) -> None:
         self.step = step
         self.watchdog.progress(step, phase)
+        self.watchdog.start()  # a no-op once running
+        if phase == "agree" and self.exporter is not None:  # once per step
+            self.exporter.heartbeat(step)
 
     def preemption_signal(self) -> Optional[str]:
         """At a step boundary, on every rank: "SIGTERM on rank R" if any rank was signalled."""
-        return self.preemption.agreed(self.ctx.device)
+        return self.preemption.agreed(self.control_device, self.control_group)
 
     def bad_step(self, reason: Optional[str], step: int) -> bool:
         """Log and count a skipped update; True when the run has had too many in a row."""
@@ -127,11 +143,11 @@ class Supervisor:
         self._record_exit(exit_codes.HANG, report.message())
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
+def _any_rank(flag: bool, device: torch.device, group) -> bool:
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return flag
     value = torch.tensor([int(flag)], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
     return bool(value.item())
 
 
