@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_codes.code_for(e)
         if code == exit_codes.FAILED:
             raise  # unexpected: the traceback is the message
-        kind = next((name for c, name, _, _ in exit_codes.TABLE if c == code), "error")
-        print(f"distlm: {kind}: {e}", file=sys.stderr, flush=True)
+        print(f"distlm: {exit_codes.name_of(code)}: {e}", file=sys.stderr, flush=True)
         if getattr(e, "immediate", False):
             # Peers are gone: Python's teardown would wait on their process group.
             sys.stdout.flush()

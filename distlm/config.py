@@ -176,6 +176,9 @@ class FaultConfig:
     """The process groups' timeout: a collective that waits this long fails (and the run exits 78).
     It also bounds startup and resuming, which the watchdog does not watch; keep it above hang_timeout_s
     so that a hang is reported by the watchdog, naming the stuck rank."""
+    repeat_signal_s: float = 5.0
+    """A second signal within this many seconds of the first is the same preemption (torchrun and
+    SLURM may both deliver the scheduler's SIGTERM to a worker); a later one stops at once (exit 76)."""
     preempt_save_timeout_s: float = 0.0
     """Seconds a save after SIGTERM/SIGUSR1/SIGUSR2 may take before the run exits without it
     (the previous checkpoint stands; exit 76). Keep it under the scheduler's grace period; 0: no limit."""
@@ -461,6 +464,7 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
 
 def _validate_fault(f: FaultConfig, need) -> None:
     for key, value in (("fault.hang_timeout_s", f.hang_timeout_s), ("fault.preempt_save_timeout_s", f.preempt_save_timeout_s),
+                       ("fault.repeat_signal_s", f.repeat_signal_s),
                        ("fault.spike_factor", f.spike_factor), ("fault.max_rollbacks", f.max_rollbacks),
                        ("fault.max_restarts_without_progress", f.max_restarts_without_progress)):
         need(value >= 0, f"{key} must be 0 or more; got {value}")

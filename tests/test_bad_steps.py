@@ -127,3 +127,6 @@ def test_rollback_reloads_the_last_checkpoint_and_reads_on_past_the_bad_data(dat
     assert final["state"]["bad_steps"]["rollbacks"] == 1
     assert final["state"]["bad_steps"]["skipped"] == {"nonfinite": 3}
     assert all(r["loss"] is not None for r in step_rows(run_dir) if r["step"] > 7)
+    # Step 6 was saved during the streak, retired by the rollback and saved again after it.
+    resaved = json.loads((run_dir / "checkpoints" / "step-00000006" / "distlm.json").read_text())
+    assert resaved["state"]["rows_consumed"] == (6 + 3) * 8

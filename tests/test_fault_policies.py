@@ -76,7 +76,7 @@ _BLOCKED_RANK = textwrap.dedent("""
                             timeout=timedelta(seconds=120))
     if rank == 1:
         time.sleep(120)  # never joins the collective below
-    flag = Preemption(rank).install()
+    flag = Preemption(rank, repeat_window_s=1.5).install()
     print("waiting", flush=True)
     dist.all_reduce(torch.ones(1))  # blocks in C++: Python signal handlers cannot run here
     print("never", flush=True)
@@ -94,8 +94,11 @@ def test_a_second_signal_exits_at_once_even_inside_a_blocked_collective(tmp_path
         assert procs[0].stdout.readline().strip() == "waiting"
         time.sleep(0.5)  # inside all_reduce by now
         procs[0].send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        procs[0].send_signal(signal.SIGTERM)  # within the repeat window: the same request delivered twice
         time.sleep(0.5)
-        assert procs[0].poll() is None   # the first signal only raised the flag
+        assert procs[0].poll() is None   # the first signal only raised the flag, its repeat did nothing
+        time.sleep(1.0)                  # past the window: the next one means "now"
         sent = time.monotonic()
         procs[0].send_signal(signal.SIGTERM)
         code = procs[0].wait(timeout=10)

@@ -31,6 +31,7 @@ counted, each damaged shard logged once, and past ``max_error_rate`` of the rows
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections import Counter
@@ -660,6 +661,7 @@ def make_loader(
         # torch RNG, shifting the training process's dropout stream: resumes would not be exact.
         generator=torch.Generator().manual_seed(0),
         persistent_workers=False,
-        worker_init_fn=ignore_in_worker,  # a preemption signal is the trainer's to act on
+        # A preemption signal is the trainer's to act on; a worker dies with its trainer.
+        worker_init_fn=functools.partial(ignore_in_worker, trainer_pid=os.getpid()),
     )
     return _raise_handed_over(iter(loader))

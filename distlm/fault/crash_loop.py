@@ -82,11 +82,16 @@ class StartLog:
                       "time": time.time(), "pid": os.getpid()})
 
     def record_end(self, ended: str, step: Optional[int]) -> None:
-        """Mark the current start's ending ("finished", "preempted", or an exit code's name)."""
+        """Mark this process's start with its ending ("finished", "preempted", or an exit code's name).
+
+        Found by pid: a start that failed before recording itself must not overwrite the
+        ending of the start before it.
+        """
         rows = self.starts()
-        if not rows:
+        own = [row for row in rows if row.get("pid") == os.getpid()]
+        if not own:
             return
-        rows[-1].update(ended=ended, end_step=step)
+        own[-1].update(ended=ended, end_step=step)
         text = "".join(json.dumps(r) + "\n" for r in rows)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(text)

@@ -24,7 +24,7 @@ PREEMPTED = 75             # EX_TEMPFAIL: a signal asked the run to stop; it sav
 PREEMPTED_UNSAVED = 76     # a second signal, or the save ran past its budget: the previous checkpoint stands
 HANG = 77                  # the watchdog saw no step progress for fault.hang_timeout_s
 PEER_LOST = 78             # a collective failed: another rank died or the network broke
-BAD_STEPS = 79             # fault.max_bad_steps bad steps in a row (NaN/Inf or loss spikes)
+BAD_STEPS = 79             # fault.max_bad_steps_in_row bad steps in a row (NaN/Inf or loss spikes)
 CRASH_LOOP = 80            # fault.max_restarts_without_progress restarts resumed from the same step
 INTERRUPTED = 130          # Ctrl-C
 
@@ -39,21 +39,26 @@ TABLE = [
     (EXPORT_ERROR, "export error", "`distlm export` cannot map the model", "no"),
     (PREEMPTED, "preempted, saved", "SIGTERM/SIGUSR1/SIGUSR2: every rank stopped at a step boundary "
                                     "after a checkpoint", "yes"),
-    (PREEMPTED_UNSAVED, "preempted, not saved", "a second signal, or the save ran past "
-                                                "fault.preempt_save_timeout_s; the previous checkpoint "
-                                                "is intact", "yes"),
+    (PREEMPTED_UNSAVED, "preempted, not saved", "a second signal (fault.repeat_signal_s after the first), "
+                                                "or the save failed or ran past fault.preempt_save_timeout_s; "
+                                                "the previous checkpoint is intact", "yes"),
     (HANG, "hang", "no step progress for fault.hang_timeout_s; the log names the stuck rank and "
-                   "RUN_DIR/hangs/ holds every thread's stack", "yes"),
+                   "RUN_DIR/hangs/ holds every thread's stack (a main thread stuck holding the GIL "
+                   "is caught later by a C-level backstop that exits 1)", "yes"),
     (PEER_LOST, "peer lost", "a collective failed: another rank died or the network broke", "yes"),
-    (BAD_STEPS, "too many bad steps", "fault.max_bad_steps updates in a row skipped for NaN/Inf or a "
-                                      "loss spike", "no"),
+    (BAD_STEPS, "too many bad steps", "fault.max_bad_steps_in_row updates in a row skipped for NaN/Inf "
+                                      "or a loss spike", "no"),
     (CRASH_LOOP, "crash loop", "fault.max_restarts_without_progress starts in a row resumed from the "
-                               "same step: do not requeue", "no"),
+                               "same step and failed: this one is refused; do not requeue", "no"),
     (INTERRUPTED, "interrupted", "Ctrl-C", "no"),
 ]
 
 EXIT_FILE = "exit.json"
 EXITS_LOG = "exits.jsonl"  # every recorded ending, oldest first (exit.json is only the last)
+
+
+def name_of(code: int) -> str:
+    return next((name for c, name, _, _ in TABLE if c == code), "error")
 
 
 def record_exit(run_dir: str | os.PathLike, code: int, reason: str, rank: int, step: int | None) -> None:
@@ -64,7 +69,7 @@ def record_exit(run_dir: str | os.PathLike, code: int, reason: str, rank: int, s
     replaced; the loop removes it when a new start begins. Best effort: the run is ending
     anyway, and a full disk must not hide the real exit code.
     """
-    record = {"code": code, "name": next((n for c, n, _, _ in TABLE if c == code), "error"),
+    record = {"code": code, "name": name_of(code),
               "reason": reason, "rank": rank, "step": step, "host": socket.gethostname(),
               "time": time.time()}
     folder = Path(run_dir)

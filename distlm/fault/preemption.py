@@ -35,8 +35,10 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 class Preemption:
     """This process's preemption flag; ``install()`` in the main thread once the process group is up."""
 
-    def __init__(self, rank: int, on_exit: Callable[[int, str], None] = lambda code, reason: None):
+    def __init__(self, rank: int, on_exit: Callable[[int, str], None] = lambda code, reason: None,
+                 repeat_window_s: float = 5.0):
         self.rank = rank
+        self.repeat_window_s = repeat_window_s  # a repeat this soon is the same preemption, delivered twice
         self.on_exit = on_exit          # records exit.json before an immediate exit
         self.signal_name: Optional[str] = None
         self.received_at: Optional[float] = None
@@ -87,8 +89,12 @@ class Preemption:
     def _received(self, name: str) -> None:
         if self.signal_name is None:
             self.signal_name, self.received_at = name, time.monotonic()
-            _say(f"rank {self.rank}: {name} received: saving at the next step boundary "
-                 f"(send it again to stop at once without saving)")
+            _say(f"rank {self.rank}: {name} received: saving at the next step boundary (send it again "
+                 f"after {self.repeat_window_s:g} s to stop at once without saving)")
+            return
+        if time.monotonic() - self.received_at < self.repeat_window_s:
+            # SLURM signals every process of the step and torchrun forwards its own copy: the
+            # same request, twice. Only a deliberate repeat means "stop now".
             return
         reason = f"a second signal ({name}) after {self.signal_name}: stopped at once, no new checkpoint"
         _say(f"rank {self.rank}: {reason}; the last committed checkpoint is intact")
@@ -98,18 +104,19 @@ class Preemption:
     def agreed(self, device: torch.device, group=None) -> Optional[str]:
         """At a step boundary, on every rank: None, or "SIGTERM on rank R" if any rank was signalled.
 
-        One all-reduce (MAX) of two numbers per rank: its signal number, and ``world - rank``
-        when signalled, so that the maximum names the lowest signalled rank.
+        One all-reduce (MAX) of one number per rank: ``signum * (world + 1) + world - rank`` when
+        signalled, else 0, so the maximum names a signal and the lowest rank that received it.
         """
         if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             return f"{self.signal_name} on rank {self.rank}" if self.requested else None
         world = torch.distributed.get_world_size()
-        signum = int(getattr(signal, self.signal_name)) if self.requested else 0
-        flags = torch.tensor([signum, world - self.rank if self.requested else 0], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
-        signum, complement = (int(v) for v in flags.tolist())
-        if signum == 0:
+        mine = int(getattr(signal, self.signal_name)) * (world + 1) + world - self.rank if self.requested else 0
+        flag = torch.tensor([mine], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+        value = int(flag.item())
+        if value == 0:
             return None
+        signum, complement = divmod(value, world + 1)
         return f"{signal.Signals(signum).name} on rank {world - complement}"
 
 
@@ -140,7 +147,7 @@ def save_deadline(seconds: float, on_expire: Callable[[], None]):
         timer.cancel()
 
 
-def ignore_in_worker(_worker_id: int = 0) -> None:
+def ignore_in_worker(_worker_id: int = 0, trainer_pid: Optional[int] = None) -> None:
     """For data-loader workers: the training process decides when to stop, not its workers.
 
     A worker killed by the scheduler's SIGTERM would fail the loader before the save; one that
@@ -152,16 +159,20 @@ def ignore_in_worker(_worker_id: int = 0) -> None:
     signal.set_wakeup_fd(-1)
     for sig in SIGNALS + (signal.SIGINT,):
         signal.signal(sig, signal.SIG_IGN)
-    die_with_parent()
+    die_with_parent(trainer_pid)
 
 
-def die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+def die_with_parent(parent: Optional[int] = None) -> None:
+    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere nothing.
+
+    ``parent``: the pid the parent had before it started this process (read here, after the
+    fork, a parent that already died would go unnoticed).
+    """
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
-    parent = os.getppid()
+    parent = parent or os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):

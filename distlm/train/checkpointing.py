@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from distlm.checkpoint.errors import CheckpointError
 from distlm.checkpoint.saver import SaveOptions, Saver
 from distlm.checkpoint.manifest import ManifestError
-from distlm.checkpoint.select import candidates, check, choose, clean_leftovers, refuse_fresh_start_over
+from distlm.checkpoint.commit import LATEST
+from distlm.checkpoint.select import (candidates, check, choose, clean_leftovers, delete_checkpoint,
+                                      refuse_fresh_start_over, step_folders, step_of)
 from distlm.checkpoint.state import TrainState, check_compatible, load, rng_state
 from distlm.config import Config, to_dict
+from distlm.fsutil import atomic_write_text
 from distlm.parallel.distributed import DistContext, all_gather_objects
 from distlm.parallel.layout import ParallelGroups
 
@@ -44,6 +48,37 @@ def choose_resume(cfg: Config, ckpt_dir: Path, ctx: DistContext, log: Callable[[
         clean_leftovers(ckpt_dir, log, keep=choice)
         return choice
     return _on_main(ctx, pick)
+
+
+def rollback_target(cfg: Config, ckpt_dir: Path, before_step: int, ctx: DistContext,
+                    log: Callable[[str], None]) -> Optional[Path]:
+    """The newest verified checkpoint older than ``before_step`` (None: none), agreed by every rank.
+
+    Rank 0 lists; every rank verifies its share (``choose_resume``); a damaged one is passed
+    over for the next older. Rank 0 then retires the checkpoints from ``before_step`` on (saved
+    during a bad streak: a crash must not resume from them) and points ``latest`` at the target.
+    """
+    def older() -> list[Path]:
+        return [p for p in reversed(step_folders(ckpt_dir)) if step_of(p) < before_step]
+
+    for folder in _on_main(ctx, older):
+        pinned = copy.deepcopy(cfg)
+        pinned.train.resume = str(folder)
+        try:
+            target = choose_resume(pinned, ckpt_dir, ctx, log)
+        except CheckpointError as e:  # raised on every rank alike
+            log(f"rollback: {folder.name} cannot be used ({e}); trying an older one")
+            continue
+
+        def retire_newer() -> None:
+            for newer in step_folders(ckpt_dir):
+                if step_of(newer) >= before_step:
+                    delete_checkpoint(newer)
+            atomic_write_text(ckpt_dir / LATEST, target.name)
+        _on_main(ctx, retire_newer)
+        return target
+    log(f"rollback: no usable checkpoint from before step {before_step}")
+    return None
 
 
 def _listed(resume: str, ckpt_dir: Path, log: Callable[[str], None]) -> list[Path]:

@@ -6,10 +6,7 @@ its own module; this page only says in which order they are called.
 
 from __future__ import annotations
 
-import copy
 import math
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -21,11 +18,9 @@ from distlm.checkpoint.state import TrainState, saved_record
 from distlm.config import Config, ConfigError, data_sources, save_config, to_dict, validate, world_size_from_env
 from distlm.data import load_manifest, make_loader
 from distlm.data.shards import ShardError
-from distlm.checkpoint.manifest import MANIFEST
-from distlm.checkpoint.select import step_folders, step_of
+from distlm.checkpoint.select import step_of
 from distlm.fault import exit_codes, inject
-from distlm.fault.exit_codes import PeerLost, Preempted, PreemptedUnsaved, RunEnded, peer_failure
-from distlm.fault.preemption import save_deadline
+from distlm.fault.exit_codes import PeerLost, RunEnded, peer_failure
 from distlm.metrics.logger import RunLog
 from distlm.metrics.mfu import device_peak_flops, mfu
 from distlm.model import flops_per_token, matmul_params, parameter_groups
@@ -45,6 +40,7 @@ from distlm.train.parallelize import (
 from distlm.train.resources import memory_bytes
 from distlm.train.schedule import learning_rate
 from distlm.train.step import train_step
+from distlm.train.recovery import roll_back, stop_for_preemption
 from distlm.train.supervision import Supervisor
 
 
@@ -127,6 +123,10 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
     run_dir = Path(cfg.run.dir)
     ckpt_dir = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
 
+    resume_from = choose_resume(cfg, ckpt_dir, ctx, log.info)  # verified against its manifest
+    # Before building and loading anything: a start that crashes there every time loops too.
+    supervisor.refuse_crash_loop(_step_of(resume_from), fresh_run=cfg.train.resume == "never")
+
     rng = seed_random(cfg.train.seed, groups, ctx.device)
     model = build_model(cfg, groups, rng)
     n_params = full_model_params(cfg)
@@ -140,9 +140,6 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
     saver = make_saver(engine, model, cfg, groups, ctx, ckpt_dir, rng, log.info)
 
     state = TrainState()
-    resume_from = choose_resume(cfg, ckpt_dir, ctx, log.info)  # verified against its manifest
-    # Before loading: a load that crashes every time is a crash loop too.
-    supervisor.refuse_crash_loop(_step_of(resume_from), fresh_run=cfg.train.resume == "never")
     if resume_from is not None:
         state = resume(resume_from, engine, model, cfg, groups, ctx, saver, rng, log.info)
         dropped = log.truncate_after(state.step)
@@ -185,7 +182,9 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
             signalled = supervisor.preemption_signal()  # one small all-reduce: any rank signalled?
             if signalled:
                 state.elapsed_s = time.perf_counter() - started
-                _stop_for_preemption(signalled, state, saver, saved_step, cfg, supervisor, log)
+                stop_for_preemption(signalled, state, saver, saved_step, cfg, supervisor, log.info,
+                                    refresh_data=lambda: data_state(stream, state.rows_consumed,
+                                                                    data_errors.global_totals(ctx.device)))
         step = state.step
         lr = learning_rate(step, cfg.optim, cfg.train.max_steps)
         set_learning_rate(engine, lr)
@@ -218,7 +217,7 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
         interval.steps += 1
         inject.hit("step", state.step)  # fault-injection tests stop a rank here (a no-op otherwise)
         if supervisor.bad_step(result.skipped, state.step):
-            if not _roll_back(cfg, state, ckpt_dir, engine, model, groups, ctx, saver, rng, supervisor, log):
+            if not roll_back(cfg, state, ckpt_dir, engine, model, groups, ctx, saver, rng, supervisor, log.info):
                 raise supervisor.too_many_bad_steps(state.step)
             saved_step = state.step
             continue
@@ -251,10 +250,11 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
         if saving_now:  # before evaluating: a failing evaluation must not cost the checkpoint
             supervisor.progress(state.step, "save")
             state.elapsed_s = time.perf_counter() - started
-            save_start = time.perf_counter()
+            save_start, errors = time.perf_counter(), saver.errors
             saver.save(state, to_dict(cfg))
             supervisor.saved(time.perf_counter() - save_start)
-            saved_step = state.step
+            if saver.errors == errors:  # checkpoint.on_error=continue counts a failed save instead
+                saved_step = state.step
             digest.restart()  # a run resumed from here starts its first interval here too
         if evaluating_now:
             supervisor.progress(state.step, "eval")
@@ -270,67 +270,6 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
     log.info(f"done: {state.step} steps, {state.tokens_seen / 1e6:.2f}M tokens in "
              f"{time.perf_counter() - started:.0f} s; run folder {run_dir}")
     return last
-
-
-def _stop_for_preemption(signalled: str, state: TrainState, saver, saved_step: int, cfg: Config,
-                         supervisor: Supervisor, log: RunLog) -> None:
-    """Every rank: save this step (unless it is saved already) within the budget, then raise Preempted."""
-    supervisor.progress(state.step, "save")
-    log.info(f"preemption: {signalled}; every rank stops at step {state.step}"
-             + (" after saving it" if state.step > saved_step else f" (step {saved_step} is saved already)"))
-
-    def out_of_time() -> None:
-        reason = (f"the preemption save of step {state.step} ran past fault.preempt_save_timeout_s="
-                  f"{cfg.fault.preempt_save_timeout_s:g}: stopped without it; the previous checkpoint stands")
-        print(f"distlm: {reason}", file=sys.stderr, flush=True)
-        supervisor.ended(exit_codes.PREEMPTED_UNSAVED, reason)
-        os._exit(exit_codes.PREEMPTED_UNSAVED)
-
-    started, saving = time.perf_counter(), state.step > saved_step
-    try:
-        with save_deadline(cfg.fault.preempt_save_timeout_s, out_of_time):
-            if saving:
-                saver.save(state, to_dict(cfg))
-            saver.close()  # waits for an asynchronous save and commits it
-    except Exception as e:  # a peer died, the disk filled, ...: what is committed stays
-        raise PreemptedUnsaved(f"{signalled}: the save of step {state.step} failed ({type(e).__name__}: {e}); "
-                               f"the newest committed checkpoint stands") from e
-    saved = f"saved step {state.step} in {time.perf_counter() - started:.1f} s" if saving else \
-        f"step {state.step} was saved already"
-    raise Preempted(f"{signalled}: {saved}; start the run again to continue from it")
-
-
-def _roll_back(cfg: Config, state: TrainState, ckpt_dir: Path, engine, model, groups, ctx, saver, rng,
-               supervisor: Supervisor, log: RunLog) -> bool:
-    """fault.on_bad_steps=rollback: reload the newest checkpoint, keep reading the data from here on.
-
-    The weights and optimizer go back to the checkpoint; the data does not, so the window of
-    data that produced the bad steps is skipped. Returns False when rolling back is not
-    configured, not possible, or used up (the caller then stops the run).
-    """
-    guard = supervisor.guard
-    if cfg.fault.on_bad_steps != "rollback" or guard.state["rollbacks"] >= cfg.fault.max_rollbacks:
-        return False
-    saver.wait()
-    # The newest checkpoint from before the first bad step (one saved during the streak holds
-    # the same weights, and may hold the drift that led to it).
-    first_bad = state.step - guard.in_row + 1
-    before = [p for p in step_folders(ckpt_dir) if step_of(p) < first_bad and (p / MANIFEST).is_file()]
-    if not before:
-        log.info(f"rollback: no checkpoint before step {first_bad} to roll back to")
-        return False
-    chosen = copy.deepcopy(cfg)
-    chosen.train.resume = str(before[-1])
-    target = choose_resume(chosen, ckpt_dir, ctx, log.info)  # verified against its manifest
-    supervisor.progress(state.step, "rollback")
-    loaded = resume(target, engine, model, cfg, groups, ctx, saver, rng, log.info)
-    skipped_rows = state.rows_consumed - loaded.rows_consumed
-    guard.state.update(in_row=0, rollbacks=guard.state["rollbacks"] + 1, window=loaded.bad_steps.get("window", []))
-    log.info(f"rollback {guard.state['rollbacks']}/{cfg.fault.max_rollbacks}: weights and optimizer back to "
-             f"{target.name}; the data goes on from row {state.rows_consumed:,} ({skipped_rows:,} rows skipped)")
-    state.step, state.checkpoint_errors = loaded.step, max(state.checkpoint_errors, loaded.checkpoint_errors)
-    state.bad_steps = guard.state
-    return True
 
 
 def _step_of(checkpoint: Optional[Path]) -> int:

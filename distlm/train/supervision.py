@@ -35,7 +35,8 @@ class Supervisor:
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             exit_codes.forget_exit(run_dir)
-        self.preemption = Preemption(ctx.rank, on_exit=self._record_exit).install()
+        self.preemption = Preemption(ctx.rank, on_exit=self._record_exit,
+                                     repeat_window_s=cfg.fault.repeat_signal_s).install()
         # Started by the loop's first progress(): building, loading and resuming can take far
         # longer than a step; until then fault.collective_timeout_s is what bounds a hang.
         self.watchdog = Watchdog(run_dir, ctx.rank, ctx.world_size, cfg.fault.hang_timeout_s,
@@ -83,6 +84,13 @@ class Supervisor:
         if phase == "agree" and self.exporter is not None:  # once per step
             self.exporter.heartbeat(step)
 
+    def preempt_budget_left(self) -> float:
+        """Seconds left of fault.preempt_save_timeout_s (0: no budget), counted from this rank's signal."""
+        budget = self.cfg.fault.preempt_save_timeout_s
+        if budget <= 0 or self.preemption.received_at is None:
+            return budget
+        return max(budget - (time.monotonic() - self.preemption.received_at), 0.001)
+
     def preemption_signal(self) -> Optional[str]:
         """At a step boundary, on every rank: "SIGTERM on rank R" if any rank was signalled."""
         return self.preemption.agreed(self.control_device, self.control_group)
@@ -119,14 +127,8 @@ class Supervisor:
 
     def ended(self, code: int, reason: str, own: bool = False) -> None:
         """Record how this start ended: rank 0 for endings every rank agreed on, any rank for
-        its ``own`` (an error only it saw, a lost peer)."""
-        name = next((n for c, n, _, _ in exit_codes.TABLE if c == code), "error")
-        if self.ctx.is_main:
-            ended = {exit_codes.OK: "finished", exit_codes.PREEMPTED: "preempted"}.get(code, name)
-            try:
-                self.starts.record_end(ended, self.step)
-            except OSError:
-                pass
+        its ``own`` (an error only it saw, a lost peer). The first record of a start is the one
+        exit.json keeps (see ``exit_codes.record_exit``)."""
         if self.ctx.is_main or own:
             self._record_exit(code, reason)
 
@@ -137,10 +139,21 @@ class Supervisor:
             self.exporter.close()
 
     def _record_exit(self, code: int, reason: str) -> None:
+        """exit.json / exits.jsonl on this rank, and on rank 0 the ending of this start in starts.jsonl
+        (also from the signal and watchdog threads, which end the process themselves)."""
         record_exit(self.run_dir, code, reason, self.ctx.rank, self.step)
+        if self.ctx.is_main:
+            try:
+                self.starts.record_end(_ENDINGS.get(code) or exit_codes.name_of(code), self.step)
+            except OSError:
+                pass
 
     def _on_hang(self, report: HangReport) -> None:
         self._record_exit(exit_codes.HANG, report.message())
+
+
+# How starts.jsonl names an ending; a preemption, saved or not, is not a crash.
+_ENDINGS = {exit_codes.OK: "finished", exit_codes.PREEMPTED: "preempted", exit_codes.PREEMPTED_UNSAVED: "preempted"}
 
 
 def _any_rank(flag: bool, device: torch.device, group) -> bool:
@@ -154,7 +167,3 @@ def _any_rank(flag: bool, device: torch.device, group) -> bool:
 def _say_on_every_rank(message: str) -> None:
     rank = os.environ.get("RANK", "0")
     print(f"[rank {rank}] {message}", file=sys.stderr, flush=True)
-
-
-def elapsed_since(start: Optional[float]) -> str:
-    return f"{time.monotonic() - start:.1f} s" if start is not None else "?"
