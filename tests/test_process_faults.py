@@ -120,7 +120,7 @@ def test_a_crash_in_every_start_ends_with_the_do_not_requeue_code(data_dir, tmp_
     starts = [json.loads(line) for line in (run_dir / STARTS_FILE).read_text().splitlines()]
     # From scratch (saves step 2, dies at 3), once from step 2 (dies at 3), then refused.
     assert [s["resume_step"] for s in starts] == [0, 2, 2]
-    assert starts[0]["ended"] == "peer lost" or starts[0].get("ended") is None  # rank 0 itself was killed
+    assert starts[0].get("ended") is None  # rank 0 itself was killed: nobody wrote its ending
     assert starts[2]["ended"] == "crash loop"
     refused = [e for e in _exits(run_dir) if e["code"] == exit_codes.CRASH_LOOP][0]
     print(f"row 16: {len(starts)} starts, the 3rd refused with exit {exit_codes.CRASH_LOOP} "
