@@ -52,28 +52,25 @@ def golden(data_dir, tmp_path_factory):
 
 
 def _moments(rng: random.Random) -> list[Fault]:
-    """One preemption per drawn step, cycling through the kinds so every kind is exercised."""
+    """MOMENTS preemptions at distinct steps, in step order, cycling through the kinds."""
     kinds = ["backward", "fetch", "save", "double"]
     rng.shuffle(kinds)
-    steps = sorted(rng.sample(range(1, STEPS - 1), MOMENTS))
-    saves = [s for s in range(SAVE_EVERY, STEPS, SAVE_EVERY)]
+    free = set(range(1, STEPS - 1))
+    saves = {s for s in range(SAVE_EVERY, STEPS - 1, SAVE_EVERY)}
     faults = []
-    for i, step in enumerate(steps):
+    for i in range(MOMENTS):
         kind, sig, rank = kinds[i % len(kinds)], rng.choice(SIGNALS), rng.randrange(2)
+        if kind == "save" and not saves & free:
+            kind = "backward"
+        step = rng.choice(sorted(saves & free if kind == "save" else free))
+        free.discard(step)
         if kind == "save":
-            later = [s for s in saves if s >= step and all(s > f.step for f in faults)]
-            step = later[0] if later else step
-            faults.append(Fault(rank=rank, step=step, phase="save.write", offset=rng.randrange(1, 20000), signal=sig)
-                          if later else Fault(rank=rank, step=step, phase="backward", signal=sig))
+            faults.append(Fault(rank=rank, step=step, phase="save.write", offset=rng.randrange(1, 20000), signal=sig))
         elif kind == "double":
             faults.append(Fault(rank=rank, step=step, phase=rng.choice(["backward", "fetch"]), signal=sig, count=2))
         else:
             faults.append(Fault(rank=rank, step=step, phase=kind, signal=sig, children=kind == "fetch"))
-    # Keep them in step order and at most one per step (a "save" kind may have moved forward).
-    unique = {}
-    for fault in faults:
-        unique.setdefault(fault.step, fault)
-    return [unique[s] for s in sorted(unique)]
+    return sorted(faults, key=lambda f: f.step)
 
 
 def _committed(run_dir) -> list[int]:
