@@ -19,7 +19,7 @@ import torch
 from distlm.config import Config
 from distlm.fault import exit_codes
 from distlm.fault.bad_steps import BadStepError, StepGuard
-from distlm.fault.crash_loop import CrashLoopError, StartLog
+from distlm.fault.crash_loop import CrashLoopError, StartLog, restart_count_from_env
 from distlm.fault.exit_codes import record_exit
 from distlm.fault.preemption import Preemption
 from distlm.fault.watchdog import HangReport, Watchdog
@@ -72,8 +72,8 @@ class Supervisor:
 
     def resumed(self, bad_steps: dict) -> None:
         self.guard.state.update(bad_steps or {})
-        if self.exporter is not None:
-            self.exporter.restarts(max(len(self.starts.starts()) - 1, 0) if self.ctx.is_main else 0)
+        if self.exporter is not None:  # the launcher's count, the same on every rank
+            self.exporter.restarts(restart_count_from_env())
 
     # ---------------------------------------------------------------- each step
 
