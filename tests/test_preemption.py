@@ -41,7 +41,7 @@ def _args(data_dir, run_dir):
     return ["train", CONFIG, f"data.path={data_dir}", f"run.dir={run_dir}", f"train.max_steps={STEPS}",
             "train.log_every=1", "train.batch_size=8", "train.eval_every=0", f"train.save_every={SAVE_EVERY}",
             "parallel.zero_stage=1", "model.dropout=0.1", "data.num_workers=1", "data.shuffle_blocks=4",
-            "checkpoint.keep_last=0", "fault.repeat_signal_s=0"]  # count=2 sends its two signals 50 ms apart
+            "checkpoint.keep_last=0", "fault.repeat_signal_s=0.1"]  # count=2 sends its two 0.3 s apart
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ DELAY_S = 0.2
 PHASES = ("step", "fetch", "backward", "agree", "loss", "save.write", "save.before_manifest", "save.before_rename",
           "save.before_latest", "save.after_latest")
 SPIKE_FACTOR = 10.0
+REPEAT_GAP_S = 0.3  # between the signals of count=2 (tests set fault.repeat_signal_s below it)
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,11 @@ def hit(phase: str, step: int, offset: Optional[int] = None) -> None:
     print(f"fault injection: rank {fault.rank} sends SIG{fault.signal} x{fault.count} at {phase} of step {step} "
           f"(time {time.time():.3f})", file=sys.stderr, flush=True)
     for _ in range(fault.count):
-        for pid in targets:
-            os.kill(pid, sig)
+        if targets:  # from another process, as a scheduler's signal comes (workers obey only their trainer)
+            subprocess.run(["kill", f"-{fault.signal}", *map(str, targets)], check=False)
         os.kill(os.getpid(), sig)
         if fault.count > 1:
-            time.sleep(0.05)  # two deliveries, not one coalesced pending signal
+            time.sleep(REPEAT_GAP_S)  # two deliveries, not one coalesced pending signal
 
 
 def _children() -> list[int]:

@@ -62,8 +62,15 @@ class Preemption:
             # otherwise see EINTR in the middle of a collective or a checkpoint write.
             signal.siginterrupt(sig, False)
         self._old_wakeup_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        # A forked child (a loader worker) shares this socket: a signal it receives before it
+        # sets its own policy would read here as a second signal to the trainer.
+        os.register_at_fork(after_in_child=self._forked_child)
         threading.Thread(target=self._read_signals, name="distlm-preemption", daemon=True).start()
         return self
+
+    def _forked_child(self) -> None:
+        if self._reader is not None:
+            signal.set_wakeup_fd(-1)
 
     def uninstall(self) -> None:
         if self._reader is None:
@@ -150,16 +157,32 @@ def save_deadline(seconds: float, on_expire: Callable[[], None]):
 def ignore_in_worker(_worker_id: int = 0, trainer_pid: Optional[int] = None) -> None:
     """For data-loader workers: the training process decides when to stop, not its workers.
 
-    A worker killed by the scheduler's SIGTERM would fail the loader before the save; one that
-    inherited the training process's wakeup fd would pass the signal on as if it were the
-    trainer's. So workers ignore the preemption signals and Ctrl-C, and die with their trainer
-    instead: a worker outliving a killed rank keeps that rank's sockets (inherited by fork)
-    open, so its peers would not see it die, and it would linger with the job's pipes.
+    A worker killed by the scheduler's SIGTERM (sent to every process of the job) would fail the
+    loader before the save; one that inherited the training process's wakeup fd would pass the
+    signal on as if it were the trainer's. So workers ignore SIGUSR1, SIGUSR2 and Ctrl-C, and
+    obey SIGTERM only when their trainer sends it: DataLoader and multiprocessing stop their
+    workers with it, and a worker deaf to that would hang the trainer's exit. Workers also die
+    with their trainer: one outliving a killed rank keeps that rank's sockets (inherited by
+    fork) open, so its peers would not see it die.
     """
+    trainer_pid = trainer_pid or os.getppid()
     signal.set_wakeup_fd(-1)
-    for sig in SIGNALS + (signal.SIGINT,):
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Blocked here, in a freshly forked worker whose only thread this is (threads started
+    # later inherit the mask), so only the thread below receives it and can ask who sent it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_obey_sigterm_from, args=(trainer_pid,), name="distlm-worker-sigterm",
+                     daemon=True).start()
     die_with_parent(trainer_pid)
+
+
+def _obey_sigterm_from(trainer_pid: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == trainer_pid:
+            os._exit(0)  # stopped by the trainer: its DataLoader or its exit is shutting workers down
 
 
 def die_with_parent(parent: Optional[int] = None) -> None:
