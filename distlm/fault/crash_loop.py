@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from distlm.fault import exit_codes
+from distlm.fsutil import atomic_write_text
 from distlm.fault.exit_codes import RunEnded
 
 STARTS_FILE = "starts.jsonl"
@@ -92,10 +93,7 @@ class StartLog:
         if not own:
             return
         own[-1].update(ended=ended, end_step=step)
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def _append(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ def train_step(engine, micro_batches: list, device: torch.device, want_grad_norm
     ``guard`` may veto the update (NaN/Inf, a loss spike). ``inject_step``: the step's number
     (from 1) for fault injection, which may make this rank's loss NaN or spike.
     """
-    weights = [w * inject.loss_factor(inject_step) for w in valid_token_weights(micro_batches)]
+    factor = inject.loss_factor(inject_step)  # once per step: it fires once per step number
+    weights = [w * factor for w in valid_token_weights(micro_batches)]
     guard = guard or StepGuard(spike_factor=0, spike_window=1)  # not attached: vetoes nothing
     guard.begin_step()
     if is_pipeline(engine):
