@@ -24,6 +24,7 @@ import yaml
 
 from distlm.data.blend import Source
 from distlm.fsutil import atomic_write_text
+from distlm.parallel.launch_env import ranks as ranks_from_env
 from distlm.parallel.layout import Layout, LayoutError, ranks_per_node_from_env
 
 
@@ -176,6 +177,9 @@ class FaultConfig:
     """The process groups' timeout: a collective that waits this long fails (and the run exits 78).
     It also bounds startup and resuming, which the watchdog does not watch; keep it above hang_timeout_s
     so that a hang is reported by the watchdog, naming the stuck rank."""
+    rendezvous_timeout_s: float = 300.0
+    """How long the ranks have to meet at startup (MASTER_ADDR:MASTER_PORT, then every gloo/NCCL
+    pair). A failure names the address and interfaces tried (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)."""
     repeat_signal_s: float = 5.0
     """A second signal within this many seconds of the first is the same preemption (torchrun and
     SLURM may both deliver the scheduler's SIGTERM to a worker); a later one stops at once (exit 76)."""
@@ -369,13 +373,8 @@ def _coerce(tp, value: Any, key: str):
 
 
 def world_size_from_env(env: Optional[dict] = None) -> int:
-    """The number of processes the launcher started (1 when run directly)."""
-    env = os.environ if env is None else env
-    # The variables init_distributed honours (torchrun; mpirun through DeepSpeed's MPI discovery).
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if env.get(name):
-            return int(env[name])
-    return 1
+    """The number of processes the launcher started (1 when run directly); see parallel/launch_env.py."""
+    return ranks_from_env(os.environ if env is None else env).world_size
 
 
 @dataclass(frozen=True)
@@ -468,6 +467,7 @@ def _validate_fault(f: FaultConfig, need) -> None:
                        ("fault.spike_factor", f.spike_factor), ("fault.max_rollbacks", f.max_rollbacks),
                        ("fault.max_restarts_without_progress", f.max_restarts_without_progress)):
         need(value >= 0, f"{key} must be 0 or more; got {value}")
+    need(f.rendezvous_timeout_s > 0, f"fault.rendezvous_timeout_s must be positive; got {f.rendezvous_timeout_s}")
     need(f.collective_timeout_s > 0, f"fault.collective_timeout_s must be positive; got {f.collective_timeout_s}")
     need(f.max_bad_steps_in_row >= 1, f"fault.max_bad_steps_in_row must be at least 1; got {f.max_bad_steps_in_row}")
     need(f.spike_window >= 1, f"fault.spike_window must be at least 1; got {f.spike_window}")

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from distlm.config import (Config, ConfigError, all_keys, batch_layout, load_config, save_config,
-                           validate, world_size_from_env)
+                           validate)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -132,14 +132,6 @@ def test_saved_config_loads_back_equal(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 5e-4
-
-
-def test_world_size_from_launcher_variables():
-    assert world_size_from_env({}) == 1
-    assert world_size_from_env({"WORLD_SIZE": "8"}) == 8
-    assert world_size_from_env({"PMI_SIZE": "3"}) == 3
-    # salloc/sbatch set SLURM_NTASKS without starting the processes: not a world size
-    assert world_size_from_env({"SLURM_NTASKS": "4"}) == 1
 
 
 def test_interface_keys_exist():

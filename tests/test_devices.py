@@ -32,18 +32,6 @@ def test_more_ranks_than_visible_gpus_is_refused(monkeypatch):
         pick_device("auto", 2)
 
 
-def test_local_rank_comes_from_any_launcher(monkeypatch):
-    from distlm.parallel.distributed import local_rank_from_env
-
-    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
-        monkeypatch.delenv(name, raising=False)
-    assert local_rank_from_env() == 0
-    monkeypatch.setenv("SLURM_LOCALID", "3")
-    assert local_rank_from_env() == 3
-    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's wins
-    assert local_rank_from_env() == 1
-
-
 def test_known_gpus_have_a_bf16_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     cuda = torch.device("cuda", 0)

@@ -20,6 +20,7 @@ CONFIG_ERROR = 2
 DATA_ERROR = 3
 CHECKPOINT_ERROR = 4
 EXPORT_ERROR = 5
+LAUNCH_ERROR = 6            # the ranks could not form the job: launcher variables, rendezvous, preflight
 PREEMPTED = 75             # EX_TEMPFAIL: a signal asked the run to stop; it saved and stopped
 PREEMPTED_UNSAVED = 76     # a second signal, or the save ran past its budget: the previous checkpoint stands
 HANG = 77                  # the watchdog saw no step progress for fault.hang_timeout_s
@@ -37,6 +38,9 @@ TABLE = [
     (CHECKPOINT_ERROR, "checkpoint error", "no usable checkpoint to resume from, or a save failed "
                                            "(checkpoint.on_error=stop)", "no"),
     (EXPORT_ERROR, "export error", "`distlm export` cannot map the model", "no"),
+    (LAUNCH_ERROR, "launch error", "the ranks could not form the job: the launcher's variables, the rendezvous "
+                                   "(the message names the address and interfaces tried) or a preflight check "
+                                   "(config, code version, shared run folder) failed", "no"),
     (PREEMPTED, "preempted, saved", "SIGTERM/SIGUSR1/SIGUSR2: every rank stopped at a step boundary "
                                     "after a checkpoint", "yes"),
     (PREEMPTED_UNSAVED, "preempted, not saved", "a second signal (fault.repeat_signal_s after the first), "
@@ -146,10 +150,11 @@ def code_for(error: BaseException) -> int:
     from distlm.config import ConfigError
     from distlm.data.inputs import InputError
     from distlm.data.shards import ShardError
+    from distlm.parallel.launch_env import LaunchError
 
     if isinstance(error, RunEnded):
         return error.code
-    for kinds, code in (((ExportError,), EXPORT_ERROR), ((ConfigError,), CONFIG_ERROR),
+    for kinds, code in (((ExportError,), EXPORT_ERROR), ((ConfigError,), CONFIG_ERROR), ((LaunchError,), LAUNCH_ERROR),
                         ((InputError, ShardError, FileNotFoundError), DATA_ERROR),
                         ((CheckpointError,), CHECKPOINT_ERROR), ((KeyboardInterrupt,), INTERRUPTED)):
         if isinstance(error, kinds):

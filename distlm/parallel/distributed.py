@@ -8,13 +8,14 @@ becomes a world of one, so the same code path serves one process and many.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
 import torch
+
+from distlm.parallel import launch_env, rendezvous
 
 
 @dataclass(frozen=True)
@@ -27,24 +28,6 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def local_rank_from_env() -> int:
-    """This process's index on its node, from whichever launcher started it."""
-    for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return 0
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -63,31 +46,34 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
 
 
 def init_distributed(device_choice: str = "auto", expected_world_size: Optional[int] = None,
-                     timeout_s: float = 600.0) -> DistContext:
-    """Join (or, for a single process, create) the default process group through DeepSpeed.
+                     timeout_s: float = 1800.0, rendezvous_timeout_s: float = 300.0,
+                     placement: Optional[launch_env.Placement] = None) -> DistContext:
+    """Join (or, for a single process, create) the default process group, and hand it to DeepSpeed.
 
-    ``expected_world_size`` is the size the config was validated against before the group
-    existed; a launcher that starts a different number of processes is an error, not a
-    silently different batch.
+    ``placement`` says who this process is and where the ranks meet (:mod:`launch_env`
+    resolves it from any launcher's variables when not given). ``expected_world_size`` is the
+    size the config was validated against before the group existed; a group of another size
+    is an error, not a silently different batch. The ranks have ``rendezvous_timeout_s`` to
+    meet; collectives then get ``timeout_s``.
     """
     import deepspeed  # imported late: it is slow to import and prints on import
 
-    if not _launched_by_torchrun() and not _launched_by_mpi():
-        # A direct `distlm train`: a world of one on loopback.
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                          RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    placement = placement or launch_env.resolve()
+    os.environ.update(placement.torch_env())  # DeepSpeed and torch read the torchrun spelling
     _warn_shared_store_after_restart()
     _default_group_timeouts(timedelta(seconds=timeout_s))
-    use_cuda = pick_device(device_choice, 0).type == "cuda"
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo",
-                               timeout=timedelta(seconds=timeout_s), verbose=False)
-    # Read after joining: under mpirun, DeepSpeed's MPI discovery is what sets LOCAL_RANK.
-    local_rank = local_rank_from_env()
-    device = pick_device(device_choice, local_rank)
+    device = pick_device(device_choice, placement.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    rendezvous.choose_gloo_interface(placement)
+    rendezvous.join(placement, "nccl" if device.type == "cuda" else "gloo",
+                    rendezvous_timeout=timedelta(seconds=rendezvous_timeout_s),
+                    collective_timeout=timedelta(seconds=timeout_s), device=device)
+    # DeepSpeed adopts the group it finds (its own init would run its own MPI discovery).
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s), verbose=False)
     ctx = DistContext(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-                      local_rank=local_rank, device=device)
+                      local_rank=placement.local_rank, device=device)
     if expected_world_size is not None and ctx.world_size != expected_world_size:
         raise RuntimeError(f"the process group has {ctx.world_size} ranks but the launcher's environment "
                            f"said {expected_world_size}; the batch split was planned for that")
@@ -117,10 +103,6 @@ def _warn_shared_store_after_restart() -> None:
               f"connecting may fail on the previous attempt's addresses (pytorch#135712). Start torchrun with "
               f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (launch/local.sh does).",
               file=sys.stderr, flush=True)
-
-
-def _launched_by_mpi() -> bool:
-    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"))
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

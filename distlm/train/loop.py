@@ -7,6 +7,7 @@ its own module; this page only says in which order they are called.
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 
 from distlm.checkpoint.state import TrainState, saved_record
-from distlm.config import Config, ConfigError, data_sources, save_config, to_dict, validate, world_size_from_env
+from distlm.config import Config, ConfigError, data_sources, save_config, to_dict, validate
 from distlm.data import load_manifest, make_loader
 from distlm.data.shards import ShardError
 from distlm.checkpoint.select import step_of
@@ -24,6 +25,7 @@ from distlm.fault.exit_codes import PeerLost, RunEnded, peer_failure
 from distlm.metrics.logger import RunLog
 from distlm.metrics.mfu import device_peak_flops, mfu
 from distlm.model import flops_per_token, matmul_params, parameter_groups
+from distlm.parallel import launch_env
 from distlm.parallel.distributed import all_reduce_mean, init_distributed, shutdown_distributed
 from distlm.parallel.layout import Layout, ParallelGroups, ranks_per_node_from_env
 from distlm.train.engine import build_engine, set_learning_rate
@@ -84,14 +86,17 @@ def train(cfg: Config) -> dict:
     # DeepSpeed 0.19.8 calls collectives that torch 2.13 renamed (reduce_scatter_tensor, ...):
     # one warning per call would bury the log line.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
-    world_size = world_size_from_env()
+    placement = launch_env.resolve()  # who this process is, from whichever launcher started it
+    os.environ.update(placement.torch_env())  # one spelling (torchrun's) for everything that reads it
+    world_size = placement.world_size
     batch = validate(cfg, world_size)  # before any process group starts
     cfg, has_val = resolve_from_data(cfg)
     layout = Layout.for_world(cfg.parallel.tp, cfg.parallel.pp, world_size, ranks_per_node_from_env())
     check_model_fits(cfg, layout)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    ctx = init_distributed(cfg.train.device, expected_world_size=world_size, timeout_s=cfg.fault.collective_timeout_s)
+    ctx = init_distributed(cfg.train.device, expected_world_size=world_size, timeout_s=cfg.fault.collective_timeout_s,
+                           rendezvous_timeout_s=cfg.fault.rendezvous_timeout_s, placement=placement)
     run_dir = Path(cfg.run.dir)
     log = RunLog(run_dir, cfg.train.max_steps, enabled=ctx.is_main)
     supervisor = Supervisor(cfg, ctx, run_dir, log.info)  # signals, watchdog, metrics endpoint
