@@ -28,8 +28,5 @@ pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$CONST
 # builds against the torch above instead of fetching another one.
 "${pip[@]}" --no-build-isolation deepspeed
 "${pip[@]}" --no-build-isolation -e ".[test]"
-# On a CPU DeepSpeed JIT-compiles its shared-memory collectives the first time a process group
-# starts (~45 s, then cached): do it here, once, rather than inside the first training run.
-"$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || true
 echo "$want" > "$stamp"
 echo "environment ready: . $VENV/bin/activate" >&2

@@ -26,6 +26,8 @@ def _collectives(rank: int, world_size: int):
 
     import torch.distributed as dist
     c10d = dist.distributed_c10d
+    from distlm.parallel.distributed import hand_to_deepspeed
+
     warnings.simplefilter("ignore", FutureWarning)  # all_gather_into_tensor & co. are "deprecated"
     n = world_size
     originals = {name: (getattr(dist, name), getattr(c10d, name))
@@ -166,14 +168,17 @@ def _deepspeed_zero1(rank: int, world_size: int):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     import logging
     import warnings
+    from datetime import timedelta
 
     import deepspeed
     import deepspeed.comm.comm as ds_comm
     import torch.distributed as dist
 
+    from distlm.parallel.distributed import hand_to_deepspeed
+
     warnings.simplefilter("ignore", FutureWarning)
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo")  # reuses the group spawn_ranks made
+    hand_to_deepspeed(timedelta(minutes=5))  # reuses the group spawn_ranks made
     original_ag = ds_comm.cdb.all_gather_function
     out = {}
     for name, extra in (("default", {}), ("reduce", {"use_multi_rank_bucket_allreduce": False})):

@@ -80,12 +80,15 @@ def _engine(rank, world, arch, tp, pp, zero, precision):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import logging
     import warnings
+    from datetime import timedelta
 
     import deepspeed
 
+    from distlm.parallel.distributed import hand_to_deepspeed
+
     warnings.simplefilter("ignore")
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    deepspeed.init_distributed(dist_backend="gloo")  # joins the group spawn_ranks made
+    hand_to_deepspeed(timedelta(minutes=5))  # joins the group spawn_ranks made
 
     from distlm.config import Config, ModelConfig, batch_layout
     from distlm.model import parameter_groups

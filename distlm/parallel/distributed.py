@@ -56,8 +56,6 @@ def init_distributed(device_choice: str = "auto", expected_world_size: Optional[
     is an error, not a silently different batch. The ranks have ``rendezvous_timeout_s`` to
     meet; collectives then get ``timeout_s``.
     """
-    import deepspeed  # imported late: it is slow to import and prints on import
-
     placement = placement or launch_env.resolve()
     os.environ.update(placement.torch_env())  # DeepSpeed and torch read the torchrun spelling
     _warn_shared_store_after_restart()
@@ -69,15 +67,28 @@ def init_distributed(device_choice: str = "auto", expected_world_size: Optional[
     rendezvous.join(placement, "nccl" if device.type == "cuda" else "gloo",
                     rendezvous_timeout=timedelta(seconds=rendezvous_timeout_s),
                     collective_timeout=timedelta(seconds=timeout_s), device=device)
-    # DeepSpeed adopts the group it finds (its own init would run its own MPI discovery).
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
-                               timeout=timedelta(seconds=timeout_s), verbose=False)
+    hand_to_deepspeed(timedelta(seconds=timeout_s))
     ctx = DistContext(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                       local_rank=placement.local_rank, device=device)
     if expected_world_size is not None and ctx.world_size != expected_world_size:
         raise RuntimeError(f"the process group has {ctx.world_size} ranks but the launcher's environment "
                            f"said {expected_world_size}; the batch split was planned for that")
     return ctx
+
+
+def hand_to_deepspeed(timeout: timedelta) -> None:
+    """Let DeepSpeed adopt the default group that exists (its own init would run its own MPI discovery).
+
+    On a CPU, DeepSpeed's adoption JIT-compiles a shared-memory all-reduce with the C++
+    compiler (about a minute, and again whenever another environment rebuilt it in the shared
+    cache) that only its inference path calls; training never does. It is switched off here.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
+                               timeout=timeout, verbose=False)
 
 
 def _default_group_timeouts(timeout: timedelta) -> None:

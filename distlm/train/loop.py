@@ -42,6 +42,7 @@ from distlm.train.parallelize import (
 from distlm.train.resources import memory_bytes
 from distlm.train.schedule import learning_rate
 from distlm.train.step import train_step
+from distlm.train.preflight import preflight
 from distlm.train.recovery import roll_back, stop_for_preemption
 from distlm.train.supervision import Supervisor
 
@@ -98,7 +99,10 @@ def train(cfg: Config) -> dict:
     ctx = init_distributed(cfg.train.device, expected_world_size=world_size, timeout_s=cfg.fault.collective_timeout_s,
                            rendezvous_timeout_s=cfg.fault.rendezvous_timeout_s, placement=placement)
     run_dir = Path(cfg.run.dir)
+    # Same config and code on every rank, a shared and writable run folder: or stop now (exit 6).
+    checked = preflight(cfg, ctx, [run_dir, Path(cfg.checkpoint.dir or run_dir / "checkpoints")])
     log = RunLog(run_dir, cfg.train.max_steps, enabled=ctx.is_main)
+    log.info(checked)
     supervisor = Supervisor(cfg, ctx, run_dir, log.info)  # signals, watchdog, metrics endpoint
     try:
         last = _train(cfg, batch, has_val, layout, ctx, log, supervisor)
