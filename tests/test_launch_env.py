@@ -39,6 +39,12 @@ def test_torchrun_variables_are_taken_as_they_are():
                              "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
 
 
+def test_the_deepspeed_launcher_says_local_size():
+    env = {**TORCHRUN, "LOCAL_SIZE": "4", "CROSS_RANK": "1"}
+    del env["LOCAL_WORLD_SIZE"]
+    assert _resolve(env).local_world_size == 4
+
+
 def test_torchrun_wins_over_the_scheduler_it_runs_under():
     assert _resolve({**SLURM_STEP, **MPICH, **TORCHRUN}).launcher == "torchrun"
 

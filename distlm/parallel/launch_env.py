@@ -157,6 +157,8 @@ def _ranks_from(environ: Mapping[str, str], launcher: str) -> tuple[int, int, in
     rank, world = _int(environ, rank_var), _int(environ, size_var)
     local_rank = _int(environ, local_var) if local_var in environ else _local_rank_fallback(environ, rank, world)
     local_world = _int(environ, local_size_var) if local_size_var and local_size_var in environ else None
+    if launcher == "torchrun" and local_world is None and "LOCAL_SIZE" in environ:
+        local_world = _int(environ, "LOCAL_SIZE")  # the DeepSpeed launcher's spelling
     if launcher == "slurm":
         local_world = _slurm_tasks_on_this_node(environ)
     if not 0 <= rank < world:

@@ -100,7 +100,7 @@ def train(cfg: Config) -> dict:
                            rendezvous_timeout_s=cfg.fault.rendezvous_timeout_s, placement=placement)
     run_dir = Path(cfg.run.dir)
     # Same config and code on every rank, a shared and writable run folder: or stop now (exit 6).
-    checked = preflight(cfg, ctx, [run_dir, Path(cfg.checkpoint.dir or run_dir / "checkpoints")])
+    checked = preflight(cfg, ctx, [run_dir, Path(cfg.checkpoint.dir or run_dir / "checkpoints")], placement.launcher)
     log = RunLog(run_dir, cfg.train.max_steps, enabled=ctx.is_main)
     log.info(checked)
     supervisor = Supervisor(cfg, ctx, run_dir, log.info)  # signals, watchdog, metrics endpoint

@@ -45,7 +45,7 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def preflight(cfg: Config, ctx: DistContext, folders: Iterable[Path]) -> str:
+def preflight(cfg: Config, ctx: DistContext, folders: Iterable[Path], launcher: str = "") -> str:
     """Run the checks on every rank (collective); returns a one-line summary, raises :class:`PreflightError`."""
     import deepspeed
     import torch
@@ -72,7 +72,8 @@ def preflight(cfg: Config, ctx: DistContext, folders: Iterable[Path]) -> str:
     if problems:
         raise PreflightError("preflight failed:\n  " + "\n  ".join(problems))
     hosts = sorted({m["host"] for m in everyone})
-    return (f"preflight: {ctx.world_size} ranks on {len(hosts)} host{'s' if len(hosts) > 1 else ''} run config "
+    via = f" started by {launcher}" if launcher else ""
+    return (f"preflight: {ctx.world_size} ranks on {len(hosts)} host{'s' if len(hosts) > 1 else ''}{via} run config "
             f"{me['config']} with distlm {me['code']} ({me['versions']}); "
             f"{', '.join(str(f) for f in folders)} writable and shared")
 
