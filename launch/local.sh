@@ -25,9 +25,12 @@ fi
 # with this each attempt gets a store of its own.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # torchrun forwards these to the workers (distlm saves and stops on SIGTERM/SIGUSR1/SIGUSR2);
-# a signal it does not handle would kill torchrun itself and orphan the workers.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
+# a signal it does not handle would kill torchrun itself and orphan the workers. It must be
+# the --signals-to-handle option: torch 2.13's launcher overwrites the environment variable
+# TORCHELASTIC_SIGNALS_TO_HANDLE with the option's default.
+SIGNALS=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
 # MAX_RESTARTS: how often torchrun restarts the job after a failure (each restart resumes from
 # the last checkpoint; distlm refuses a start that would repeat a crash, exit code 80).
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" --max-restarts "${MAX_RESTARTS:-0}" \
+  --signals-to-handle "$SIGNALS" \
   -m distlm train "$@"

@@ -1,10 +1,11 @@
-"""launch/mpirun.sh (MPICH's mpiexec) and launch/hostfile.sh (DeepSpeed's launcher), with real processes.
+"""launch/mpirun.sh (MPICH's mpiexec), launch/hostfile.sh (DeepSpeed's launcher) and launch/local.sh, with real processes.
 
 Each starts the launcher tests' shared 2-rank job and must reproduce the torchrun reference
 curve bit for bit (tests/launchers.py), and must really have started the ranks the way it
 claims: under mpiexec, distlm's rank r is the process hydra named PMI_RANK=r; under the
-DeepSpeed launcher, the ranks are the processes its launch.py spawned. hostfile.sh also
-forwards a preemption signal to the ranks (DeepSpeed's own processes would die of SIGUSR1).
+DeepSpeed launcher, the ranks are the processes its launch.py spawned. hostfile.sh and
+local.sh also forward a preemption signal to the ranks (DeepSpeed's own processes, and torchrun
+unless told, would die of SIGUSR1).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from launchers import CONFIG, WORLD, job_overrides, launcher_env
 
 MPIRUN = str(ROOT / "launch" / "mpirun.sh")
 HOSTFILE = str(ROOT / "launch" / "hostfile.sh")
+LOCAL = str(ROOT / "launch" / "local.sh")
 VENV_BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 300  # a 2-rank run takes 15-80 s here, depending on how busy the machine is
 
@@ -182,28 +184,32 @@ def test_hostfile_trains_the_reference_curve_through_deepspeed(tmp_path, launch_
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_hostfile_forwards_sigusr1_so_the_ranks_save_and_exit_75(tmp_path, launch_shards):
+@pytest.mark.parametrize("script, launcher_code", [
+    (HOSTFILE, 75),  # DeepSpeed's launcher passes the first failed rank's code on
+    (LOCAL, 1),      # torchrun exits 1 whatever its workers' codes: exit.json has the real one
+], ids=["hostfile", "local"])
+def test_launchers_forward_sigusr1_so_the_ranks_save_and_exit_75(tmp_path, launch_shards, script, launcher_code):
     run_dir = tmp_path / "run"
-    env = launcher_env(HOSTFILE=str(_hostfile(tmp_path)), MASTER_PORT=str(_free_port()))
-    log = tmp_path / "hostfile.log"
+    env = launcher_env(HOSTFILE=str(_hostfile(tmp_path)), MASTER_PORT=str(_free_port()), NPROC=str(WORLD))
+    log = tmp_path / "launcher.log"
     # Far more steps than it will run: it must stop because of the signal.
-    proc = _start(HOSTFILE, _script_args(run_dir, launch_shards, "train.max_steps=100000"), env, log)
+    proc = _start(script, _script_args(run_dir, launch_shards, "train.max_steps=100000"), env, log)
     metrics = run_dir / "metrics.jsonl"
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
         while not (metrics.exists() and '"loss"' in metrics.read_text()):
-            assert proc.poll() is None, f"hostfile.sh ended ({proc.returncode}) before a step:\n{log.read_text()}"
+            assert proc.poll() is None, f"{script} ended ({proc.returncode}) before a step:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"no step logged in {RUN_TIMEOUT} s:\n{log.read_text()[-4000:]}"
             time.sleep(0.2)
         job = _job_tree(proc.pid)
-        assert len(job) >= 3 + WORLD, job  # this script, the runner, launch.py, the ranks
-        proc.send_signal(signal.SIGUSR1)  # the scheduler's warning, to the script alone
+        assert len(job) >= 1 + WORLD, job  # the launcher (and its helpers), the ranks
+        proc.send_signal(signal.SIGUSR1)  # the scheduler's warning, to the launcher alone
     except BaseException:
         _kill_job(proc)
         raise
     out, left = _finish(proc, log, 120, job)
 
-    assert proc.returncode == 75, f"hostfile.sh exited {proc.returncode}, not 75 (preempted, saved):\n{out[-6000:]}"
+    assert proc.returncode == launcher_code, f"{script} exited {proc.returncode}, not {launcher_code}:\n{out[-6000:]}"
     ending = json.loads((run_dir / "exit.json").read_text())
     assert ending["code"] == 75 and "SIGUSR1" in ending["reason"], ending
     assert (run_dir / "checkpoints" / f"step-{ending['step']:08d}").is_dir(), ending
