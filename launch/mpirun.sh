@@ -63,7 +63,10 @@ version=$("$MPIEXEC" --version 2>&1) || {
 }
 
 args=(-n "$NP")
+# RANK/WORLD_SIZE copied from this shell (a torchrun session, an earlier export) must not win
+# over the MPI's own variables in distlm's launcher detection: name the launcher.
 if [[ "$version" == *HYDRA* ]]; then
+  export DISTLM_LAUNCHER=mpich
   if [ -n "${HOSTFILE:-}" ] && grep -q 'slots=' "$HOSTFILE"; then
     echo "$0: $HOSTFILE has 'host slots=N' lines (Open MPI's and DeepSpeed's format); MPICH's mpiexec wants 'host:N'" >&2
     exit 2
@@ -75,6 +78,7 @@ if [[ "$version" == *HYDRA* ]]; then
   # node (OMP_NUM_THREADS, DISTLM_*, GLOO_SOCKET_IFNAME, NCCL_*, MASTER_ADDR/PORT when set).
   args+=(-genvall)
 elif [[ "$version" == *"Open MPI"* || "$version" == *OpenRTE* ]]; then
+  export DISTLM_LAUNCHER=openmpi
   if [ -n "${HOSTS:-}" ]; then
     # --host h1,h2 gives each host one slot: say how many processes each may take.
     hosts=$HOSTS
@@ -100,4 +104,4 @@ fi
 
 # shellcheck disable=SC2206  # MPIEXEC_ARGS is a list of flags on purpose
 extra=(${MPIEXEC_ARGS:-})
-exec "$MPIEXEC" "${args[@]}" "${extra[@]}" "$PYTHON" -m distlm train "$@"
+exec "$MPIEXEC" "${args[@]}" ${extra[@]+"${extra[@]}"} "$PYTHON" -m distlm train "$@"

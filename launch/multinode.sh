@@ -106,5 +106,5 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 signals=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" \
   --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-distlm}" --rdzv-conf "$rdzv_conf" \
-  "${local_addr[@]}" --signals-to-handle "$signals" --max-restarts "${MAX_RESTARTS:-3}" \
+  ${local_addr[@]+"${local_addr[@]}"} --signals-to-handle "$signals" --max-restarts "${MAX_RESTARTS:-3}" \
   -m distlm train "$@"

@@ -64,14 +64,14 @@ def _port_free(port: int) -> bool:
 
 
 def _first_job_id(jobs: int = 20) -> int:
-    """A first job id whose jobs' ports (train.sbatch: 20000 + id % 20000) are free now.
+    """A first job id whose jobs' ports (train.sbatch: 20000 + id % 12000) are free now.
 
     Job ids count from 1 on every fresh cluster, so two test sessions on one machine would
     otherwise give their first jobs the same MASTER_PORT.
     """
     rng = random.Random()
     for _ in range(100):
-        first = rng.randrange(1000, 20000 - jobs)
+        first = rng.randrange(1000, 12000 - jobs)
         if all(_port_free(20000 + job) for job in range(first, first + jobs)):
             return first
     raise ClusterUnavailable(f"no {jobs} consecutive free ports above 21000 on 127.0.0.1 for the jobs' MASTER_PORT")

@@ -24,6 +24,13 @@ def test_each_local_rank_gets_its_own_gpu(monkeypatch):
     assert pick_device("cpu", 0) == torch.device("cpu")
 
 
+def test_a_process_that_sees_one_gpu_uses_it_whatever_its_local_rank(monkeypatch):
+    # srun --gpus-per-task=1: every task sees its own GPU as device 0.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("auto", 5) == torch.device("cuda", 0)
+
+
 def test_more_ranks_than_visible_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

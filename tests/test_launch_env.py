@@ -7,7 +7,7 @@ import pytest
 from distlm.config import world_size_from_env
 from distlm.parallel import launch_env
 from distlm.parallel.launch_env import LaunchEnvError, Placement, resolve
-from distlm.parallel.rendezvous import choose_gloo_interface, interface_of, local_interfaces, route_source
+from distlm.parallel.rendezvous import RendezvousError, choose_gloo_interface, interface_of, local_interfaces, route_source
 
 
 def _never(*_):
@@ -55,8 +55,14 @@ def test_torchrun_variables_without_a_master_are_refused():
 
 
 def test_open_mpi_asks_rank_0_for_the_meeting_point():
-    p = _resolve(OPENMPI, mpi_master=lambda: ("node3", 41234))
+    p = _resolve(OPENMPI, mpi_master=lambda preset: ("node3", 41234))
     assert p == Placement("openmpi", 3, 4, 1, 2, "node3", 41234)
+
+
+def test_mpi_with_only_master_addr_set_asks_rank_0_for_a_port_only():
+    asked = []
+    p = _resolve({**MPICH, "MASTER_ADDR": "10.0.0.1"}, mpi_master=lambda preset: asked.append(preset) or (preset, 41000))
+    assert asked == ["10.0.0.1"] and (p.master_addr, p.master_port) == ("10.0.0.1", 41000)
 
 
 def test_mpich_hydra_and_a_preset_master():
@@ -69,7 +75,8 @@ def test_a_slurm_task_meets_on_the_first_node_at_a_port_of_its_job():
     p = _resolve(SLURM_STEP, slurm_host=lambda nodelist: asked.append(nodelist) or "gpu07")
     assert asked == ["gpu[07-08]"]
     assert p == Placement("slurm", 3, 4, 1, 2, "gpu07", launch_env.SLURM_PORT_BASE + 123456 % 20000)
-    assert p.master_port < 32768  # below Linux's ephemeral ports: no clash with outgoing connections
+    for job in range(0, 200000, 997):  # below Linux's ephemeral ports (32768+): no clash with outgoing connections
+        assert 20000 <= launch_env.slurm_job_port({"SLURM_JOB_ID": str(job)}) < 32768
 
 
 def test_slurm_tasks_per_node_is_read_for_this_node():
@@ -89,7 +96,7 @@ def test_nothing_set_is_a_world_of_one_on_loopback():
 
 
 def test_forced_mpi4py_reads_the_communicator():
-    p = _resolve({"DISTLM_LAUNCHER": "mpi4py"}, mpi4py_ranks=lambda: (1, 2, 1, 2), mpi_master=lambda: ("h", 7))
+    p = _resolve({"DISTLM_LAUNCHER": "mpi4py"}, mpi4py_ranks=lambda: (1, 2, 1, 2), mpi_master=lambda preset: ("h", 7))
     assert p == Placement("mpi4py", 1, 2, 1, 2, "h", 7)
 
 
@@ -109,7 +116,7 @@ def test_a_forced_launcher_must_exist_and_be_complete():
 ])
 def test_contradictions_are_named(env, message):
     with pytest.raises(LaunchEnvError, match=message):
-        _resolve(env, mpi_master=lambda: ("h", 7))
+        _resolve(env, mpi_master=lambda preset: ("h", 7))
 
 
 def test_an_unknown_launcher_error_is_a_launch_error_exit_code():
@@ -122,6 +129,14 @@ def test_loopback_needs_no_interface_choice():
     env = {}
     p = Placement("torchrun", 0, 2, 0, 2, "127.0.0.1", 29500)
     assert choose_gloo_interface(p, env) is None and env == {}
+
+
+def test_a_master_that_resolves_to_loopback_in_a_job_across_hosts_is_refused():
+    # 127.0.1.1 is what Debian's /etc/hosts gives a host's own name: gloo would listen there.
+    placement = Placement("slurm", 0, 4, 0, 2, "127.0.1.1", 29500)
+    with pytest.raises(RendezvousError, match=r"resolves to 127.0.1.1, a loopback address.*4 ranks, 2 here.*GLOO_SOCKET_IFNAME"):
+        choose_gloo_interface(placement, {})
+    assert choose_gloo_interface(placement, {"GLOO_SOCKET_IFNAME": "eth0"}) is None  # the user chose
 
 
 def test_a_user_choice_of_interface_is_kept():

@@ -134,10 +134,12 @@ def test_mpirun_trains_the_reference_curve_under_mpich(tmp_path, launch_shards, 
     record = tmp_path / "ranks"
     record.mkdir()
     run_dir = tmp_path / "run"
-    # MASTER_ADDR/PORT keep the rendezvous on loopback and off other tests' ports; hydra passes
-    # them, like DISTLM_LAUNCH_PROBE, from this environment to every rank.
-    env = launcher_env(NP=str(WORLD), MPIEXEC=str(mpiexec), PYTHON=str(_python_recording_env(record)),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), DISTLM_LAUNCH_PROBE="reached")
+    # No MASTER_ADDR/PORT: rank 0 picks them and tells the others over MPI (mpi4py). A stale
+    # RANK/WORLD_SIZE in the launching shell must not make each rank a world of its own; hydra
+    # passes all of it, like DISTLM_LAUNCH_PROBE, to every rank.
+    env = {k: v for k, v in launcher_env(NP=str(WORLD), MPIEXEC=str(mpiexec), PYTHON=str(_python_recording_env(record)),
+                                         DISTLM_LAUNCH_PROBE="reached", RANK="0", WORLD_SIZE="1").items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT")}
     log = tmp_path / "mpirun.log"
     proc = _start(MPIRUN, _script_args(run_dir, launch_shards), env, log)
     out, _ = _finish(proc, log, RUN_TIMEOUT)
@@ -151,6 +153,7 @@ def test_mpirun_trains_the_reference_curve_under_mpich(tmp_path, launch_shards, 
         assert seen.get("DISTLM_LAUNCH_PROBE") == "reached", "the launching environment did not reach the ranks"
     by_mpi_rank = {int(seen["PMI_RANK"]): pid for pid, seen in ranks.items()}
     assert _heartbeat_pids(run_dir) == by_mpi_rank, "distlm's ranks are not the processes hydra numbered so"
+    assert "started by mpich" in out, out[-3000:]
 
 
 # -------------------------------------------------------------------------------- DeepSpeed launcher

@@ -9,6 +9,7 @@ rank, the key, the folder or the address.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -80,8 +81,10 @@ def test_an_override_on_one_rank_only_stops_every_rank_naming_the_key(tmp_path, 
     for code, out in results:
         assert code == exit_codes.LAUNCH_ERROR, out[-3000:]
         assert "config differs from rank 0's" in out and "rank 1 on" in out, out[-3000:]
-        assert "optim.lr: 0.003 on rank 0, 0.5 here" in out, out[-3000:]
+    assert "optim.lr: 0.003 on rank 0, 0.5 here" in results[0][1], results[0][1][-3000:]  # rank 0 says it all
+    assert "rank 0's log lists them" in results[1][1], results[1][1][-3000:]
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+    assert json.loads((tmp_path / "run" / "exit.json").read_text())["code"] == exit_codes.LAUNCH_ERROR
 
 
 @pytest.mark.distributed

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from distlm.parallel import launch_env, rendezvous
+from distlm.parallel.launch_env import LaunchEnvError
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,17 @@ class DistContext:
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
-    """``cuda:local_rank`` when CUDA is wanted and present, else the CPU; never two ranks on one GPU."""
+    """``cuda:local_rank`` when CUDA is wanted and present (``cuda:0`` when a process sees one GPU), else the CPU."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=auto or cpu")
     if choice in ("auto", "cuda") and torch.cuda.is_available():
         visible = torch.cuda.device_count()
+        if visible == 1:
+            # One GPU per process (srun --gpus-per-task=1, a per-rank CUDA_VISIBLE_DEVICES): it is
+            # this rank's. Two ranks that were given the same one are caught by the preflight.
+            return torch.device("cuda", 0)
         if local_rank >= visible:
-            raise RuntimeError(
+            raise LaunchEnvError(
                 f"local rank {local_rank} has no GPU of its own: this node shows {visible} "
                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
                 f"start at most {visible} processes per node")

@@ -22,7 +22,7 @@ wins:
 ``DISTLM_LAUNCHER`` (torchrun, openmpi, mpich, slurm, mpi4py, single) skips the guessing.
 
 The meeting point is ``MASTER_ADDR:MASTER_PORT`` when set. Otherwise: under SLURM the first
-host of the step's node list and a port derived from the job id (every task computes the same
+host of the step's node list and port 20000 + job id mod 12000 (every task computes the same
 one without talking); under MPI, rank 0's address and a free port broadcast through mpi4py.
 
 Everything here reads a mapping and returns a value, so each launcher's environment is a
@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 LAUNCHERS = ("torchrun", "openmpi", "mpich", "slurm", "mpi4py", "single")
-SLURM_PORT_BASE = 20000  # job ports: 20000 + job id mod 20000, below Linux's ephemeral range (32768+)
+SLURM_PORT_BASE = 20000  # job ports: 20000 + job id mod 12000, below Linux's ephemeral range (32768+)
+SLURM_PORT_SPAN = 12000
 
 
 class LaunchError(RuntimeError):
@@ -120,7 +121,7 @@ def ranks(environ: Mapping[str, str] = os.environ,
 
 
 def resolve(environ: Mapping[str, str] = os.environ,
-            mpi_master: Optional[Callable[[], tuple[str, int]]] = None,
+            mpi_master: Optional[Callable[[Optional[str]], tuple[str, int]]] = None,
             slurm_host: Optional[Callable[[str], str]] = None,
             mpi4py_ranks: Optional[Callable[[], tuple[int, int, int, int]]] = None,
             free_port: Optional[Callable[[], int]] = None) -> Placement:
@@ -140,7 +141,7 @@ def resolve(environ: Mapping[str, str] = os.environ,
             addr = addr or (slurm_host or slurm_first_host)(_slurm_nodelist(environ))
             port = port or str(slurm_job_port(environ))
         else:  # an MPI launcher: rank 0 tells everyone
-            mpi_addr, mpi_port = (mpi_master or master_from_mpi)()
+            mpi_addr, mpi_port = (mpi_master or master_from_mpi)(addr)
             addr, port = addr or mpi_addr, port or str(mpi_port)
     return Placement(me.launcher, me.rank, me.world_size, me.local_rank, me.local_world_size, addr,
                      _port(port, "MASTER_PORT"))
@@ -208,7 +209,7 @@ def slurm_job_port(environ: Mapping[str, str]) -> int:
     job = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
     if not job:
         raise LaunchEnvError("SLURM task without SLURM_JOB_ID: set MASTER_PORT")
-    return SLURM_PORT_BASE + int(job) % 20000
+    return SLURM_PORT_BASE + int(job) % SLURM_PORT_SPAN
 
 
 def slurm_first_host(nodelist: str) -> str:
@@ -224,12 +225,16 @@ def slurm_first_host(nodelist: str) -> str:
     return out[0]
 
 
-def master_from_mpi() -> tuple[str, int]:
-    """Rank 0's address and a port free there, broadcast to every rank through mpi4py.
+def master_from_mpi(preset_addr: Optional[str] = None) -> tuple[str, int]:
+    """Rank 0's address (unless ``preset_addr``: MASTER_ADDR alone was set) and a port free there,
+    broadcast to every rank through mpi4py.
 
     A job whose ranks all share rank 0's host meets on loopback; otherwise on rank 0's host
     name, which must not resolve to a loopback address on rank 0 (Debian's /etc/hosts maps the
     host name to 127.0.1.1): then MASTER_ADDR must say which address the others can reach.
+    MPI is finalised right after: distlm talks over torch.distributed, and an initialised MPI
+    would make the launcher kill every rank when one leaves through ``os._exit`` (a hang, a
+    lost peer) without MPI_Finalize, and dislikes the loader's forked workers.
     """
     from mpi4py import MPI  # imported only under MPI: it initialises MPI on import
 
@@ -238,13 +243,16 @@ def master_from_mpi() -> tuple[str, int]:
     hosts = comm.allgather(host)
     answer = None
     if comm.Get_rank() == 0:
-        if all(h == host for h in hosts):
+        if preset_addr:
+            answer = (preset_addr, _free_port("0.0.0.0"))
+        elif all(h == host for h in hosts):
             answer = ("127.0.0.1", _free_port("127.0.0.1"))
         elif is_loopback(_resolve_host(host)):
             answer = ("", 0)
         else:
             answer = (host, _free_port("0.0.0.0"))
     addr, port = comm.bcast(answer, root=0)
+    MPI.Finalize()
     if not addr:
         raise LaunchEnvError(f"the job spans {len(set(hosts))} hosts but rank 0's host name {hosts[0]!r} resolves "
                              f"to a loopback address there; set MASTER_ADDR to rank 0's address on the network "

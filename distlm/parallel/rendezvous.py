@@ -63,7 +63,18 @@ def choose_gloo_interface(placement: Placement, environ=os.environ) -> Optional[
     if placement.world_size == 1 or environ.get("GLOO_SOCKET_IFNAME") or placement.launcher == "single":
         return None
     addr = _resolve(placement.master_addr)
-    if not addr or is_loopback(addr):
+    if not addr:
+        return None
+    if is_loopback(addr):
+        spans_hosts = placement.local_world_size is not None and placement.local_world_size < placement.world_size
+        if spans_hosts:  # the master's own host name maps to 127.0.1.1 (Debian's /etc/hosts)
+            raise RendezvousError(
+                f"MASTER_ADDR {placement.master_addr} resolves to {addr}, a loopback address, on this host "
+                f"({socket.gethostname()}, rank {placement.rank}), but the job spans several hosts "
+                f"({placement.world_size} ranks, {placement.local_world_size} here): gloo would listen there and "
+                f"the other hosts could not connect. Set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME on GPUs) to "
+                f"the interface of the network the nodes share ({_shown(local_interfaces())}), or map the host "
+                f"name to that address in /etc/hosts")
         return None  # one host: loopback is right
     source = route_source(addr, placement.master_port)
     name = interface_of(source, local_interfaces()) if source else None
@@ -94,10 +105,20 @@ def join(placement: Placement, backend: str, rendezvous_timeout: timedelta, coll
                                              world_size=placement.world_size, timeout=rendezvous_timeout, **kwargs)
     except RendezvousError:
         raise
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, DistError, OSError, ValueError here
+    except Exception as e:  # noqa: BLE001
+        if not _network_failure(e):
+            raise  # a CUDA, NCCL-version or memory error: its own message is the right one
         raise RendezvousError(explain(placement, backend, e)) from e
     distributed_c10d._set_pg_timeout(collective_timeout)
     store.set_timeout(collective_timeout)
+
+
+def _network_failure(error: BaseException) -> bool:
+    """Did the ranks fail to reach each other (as opposed to a device or library error)?"""
+    if isinstance(error, (torch.distributed.DistError, TimeoutError, ConnectionError)):
+        return True
+    text = str(error).lower()
+    return any(word in text for word in ("connect", "timed out", "timeout", "socket", "address", "refused"))
 
 
 def _store(placement: Placement, timeout: timedelta) -> torch.distributed.Store:
@@ -121,7 +142,7 @@ def explain(placement: Placement, what: str, error: BaseException) -> str:
     """A rendezvous failure in words: who tried what, over which interface, and what to set."""
     interfaces = local_interfaces()
     source = route_source(_resolve(placement.master_addr) or placement.master_addr, placement.master_port)
-    shown = ", ".join(f"{name} {' '.join(addrs)}" for name, addrs in sorted(interfaces.items()) if addrs)
+    shown = _shown(interfaces)
     gloo = os.environ.get("GLOO_SOCKET_IFNAME", "unset")
     nccl = os.environ.get("NCCL_SOCKET_IFNAME", "unset")
     return (f"rendezvous failed ({what}): {placement.describe()}; host {socket.gethostname()} "
@@ -130,7 +151,17 @@ def explain(placement: Placement, what: str, error: BaseException) -> str:
             f"NCCL_SOCKET_IFNAME={nccl}; this host's interfaces: {shown}. "
             f"Check that MASTER_ADDR is rank 0's address on a network every node shares and MASTER_PORT is open "
             f"there, and set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to the interface on that network. "
-            f"Cause: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+            f"Cause: {_last_lines(error)}")
+
+
+def _last_lines(error: BaseException, count: int = 3) -> str:
+    """The end of an error's message, where gloo and NCCL put the detail (NCCL's "Last error: ...")."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return " | ".join(lines[-count:]) if lines else type(error).__name__
+
+
+def _shown(interfaces: dict[str, list[str]]) -> str:
+    return ", ".join(f"{name} {' '.join(addrs)}" for name, addrs in sorted(interfaces.items()) if addrs)
 
 
 def _resolve(host: str) -> Optional[str]:

@@ -42,7 +42,7 @@ from distlm.train.parallelize import (
 from distlm.train.resources import memory_bytes
 from distlm.train.schedule import learning_rate
 from distlm.train.step import train_step
-from distlm.train.preflight import preflight
+from distlm.train.preflight import PreflightError, preflight
 from distlm.train.recovery import roll_back, stop_for_preemption
 from distlm.train.supervision import Supervisor
 
@@ -100,7 +100,12 @@ def train(cfg: Config) -> dict:
                            rendezvous_timeout_s=cfg.fault.rendezvous_timeout_s, placement=placement)
     run_dir = Path(cfg.run.dir)
     # Same config and code on every rank, a shared and writable run folder: or stop now (exit 6).
-    checked = preflight(cfg, ctx, [run_dir, Path(cfg.checkpoint.dir or run_dir / "checkpoints")], placement.launcher)
+    try:
+        checked = preflight(cfg, ctx, [run_dir, Path(cfg.checkpoint.dir or run_dir / "checkpoints")], placement.launcher)
+    except PreflightError as e:  # every rank raises it together: leave the group cleanly, say why
+        exit_codes.record_exit(run_dir, exit_codes.LAUNCH_ERROR, str(e), ctx.rank, None)
+        torch.distributed.destroy_process_group()
+        raise
     log = RunLog(run_dir, cfg.train.max_steps, enabled=ctx.is_main)
     log.info(checked)
     supervisor = Supervisor(cfg, ctx, run_dir, log.info)  # signals, watchdog, metrics endpoint
