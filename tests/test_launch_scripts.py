@@ -156,6 +156,24 @@ def test_mpirun_trains_the_reference_curve_under_mpich(tmp_path, launch_shards, 
     assert "started by mpich" in out, out[-3000:]
 
 
+@pytest.mark.distributed
+def test_mpi_ranks_waiting_for_a_rank_that_died_stop_at_the_rendezvous_deadline(tmp_path, launch_shards):
+    # Rank 1 "fails before it starts" (its interpreter exits 3 at once, as a config missing on one
+    # node would); hydra lets rank 0 wait in MPI for it: the deadline must end that wait.
+    shim = tmp_path / "python"
+    shim.write_text(f'#!/bin/sh\n[ "$PMI_RANK" = 1 ] && exit 3\nexec "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
+    env = {k: v for k, v in launcher_env(NP=str(WORLD), MPIEXEC=str(VENV_BIN / "mpiexec"), PYTHON=str(shim)).items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    log = tmp_path / "mpirun.log"
+    started = time.monotonic()
+    proc = _start(MPIRUN, _script_args(tmp_path / "run", launch_shards, "fault.rendezvous_timeout_s=4"), env, log)
+    out, _ = _finish(proc, log, RUN_TIMEOUT)
+    assert time.monotonic() - started < 60, out[-3000:]
+    assert proc.returncode == 1 | 3, f"hydra ORs the ranks' codes: 1 (rank 0) | 3 (rank 1); got {proc.returncode}:\n{out}"
+    assert "Timeout (0:00:04)!" in out and "master_from_mpi" in out, out[-3000:]  # where it waited
+
+
 # -------------------------------------------------------------------------------- DeepSpeed launcher
 
 

@@ -31,6 +31,8 @@ unit test; only :func:`master_from_mpi` and :func:`slurm_first_host` reach outsi
 
 from __future__ import annotations
 
+import faulthandler
+import functools
 import os
 import socket
 import subprocess
@@ -124,10 +126,11 @@ def resolve(environ: Mapping[str, str] = os.environ,
             mpi_master: Optional[Callable[[Optional[str]], tuple[str, int]]] = None,
             slurm_host: Optional[Callable[[str], str]] = None,
             mpi4py_ranks: Optional[Callable[[], tuple[int, int, int, int]]] = None,
-            free_port: Optional[Callable[[], int]] = None) -> Placement:
+            free_port: Optional[Callable[[], int]] = None, mpi_timeout_s: float = 300.0) -> Placement:
     """This process's :class:`Placement`, from ``environ``.
 
     The callables reach outside (mpi4py, ``scontrol``, a socket); tests pass their own.
+    ``mpi_timeout_s`` bounds the wait for the other MPI ranks (fault.rendezvous_timeout_s).
     """
     me = ranks(environ, mpi4py_ranks)
     if me.launcher == "single":
@@ -141,7 +144,7 @@ def resolve(environ: Mapping[str, str] = os.environ,
             addr = addr or (slurm_host or slurm_first_host)(_slurm_nodelist(environ))
             port = port or str(slurm_job_port(environ))
         else:  # an MPI launcher: rank 0 tells everyone
-            mpi_addr, mpi_port = (mpi_master or master_from_mpi)(addr)
+            mpi_addr, mpi_port = (mpi_master or functools.partial(master_from_mpi, timeout_s=mpi_timeout_s))(addr)
             addr, port = addr or mpi_addr, port or str(mpi_port)
     return Placement(me.launcher, me.rank, me.world_size, me.local_rank, me.local_world_size, addr,
                      _port(port, "MASTER_PORT"))
@@ -225,7 +228,7 @@ def slurm_first_host(nodelist: str) -> str:
     return out[0]
 
 
-def master_from_mpi(preset_addr: Optional[str] = None) -> tuple[str, int]:
+def master_from_mpi(preset_addr: Optional[str] = None, timeout_s: float = 300.0) -> tuple[str, int]:
     """Rank 0's address (unless ``preset_addr``: MASTER_ADDR alone was set) and a port free there,
     broadcast to every rank through mpi4py.
 
@@ -236,7 +239,12 @@ def master_from_mpi(preset_addr: Optional[str] = None) -> tuple[str, int]:
     would make the launcher kill every rank when one leaves through ``os._exit`` (a hang, a
     lost peer) without MPI_Finalize, and dislikes the loader's forked workers.
     """
-    from mpi4py import MPI  # imported only under MPI: it initialises MPI on import
+    # A rank that died before this (its config missing on one node, say) never joins MPI's
+    # start-up or the collectives below, and MPI launchers let the others wait forever. MPI's
+    # start-up holds the GIL while it waits, so only faulthandler's C thread can end the wait:
+    # it prints where every thread is (master_from_mpi, importing mpi4py) and exits 1.
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    from mpi4py import MPI  # imported only under MPI: it initialises MPI on import (a collective)
 
     comm = MPI.COMM_WORLD
     host = socket.gethostname()
@@ -252,6 +260,7 @@ def master_from_mpi(preset_addr: Optional[str] = None) -> tuple[str, int]:
         else:
             answer = (host, _free_port("0.0.0.0"))
     addr, port = comm.bcast(answer, root=0)
+    faulthandler.cancel_dump_traceback_later()
     MPI.Finalize()
     if not addr:
         raise LaunchEnvError(f"the job spans {len(set(hosts))} hosts but rank 0's host name {hosts[0]!r} resolves "

@@ -87,7 +87,8 @@ def train(cfg: Config) -> dict:
     # DeepSpeed 0.19.8 calls collectives that torch 2.13 renamed (reduce_scatter_tensor, ...):
     # one warning per call would bury the log line.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
-    placement = launch_env.resolve()  # who this process is, from whichever launcher started it
+    # Who this process is, from whichever launcher started it.
+    placement = launch_env.resolve(mpi_timeout_s=cfg.fault.rendezvous_timeout_s)
     os.environ.update(placement.torch_env())  # one spelling (torchrun's) for everything that reads it
     world_size = placement.world_size
     batch = validate(cfg, world_size)  # before any process group starts
