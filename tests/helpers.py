@@ -59,6 +59,17 @@ def run_distlm(args: list[str], nproc: int = 1, timeout: float = 300, env: dict 
     return result
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

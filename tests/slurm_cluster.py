@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from helpers import process_alive
+
 from helpers import ROOT
 
 SBIN = ("/usr/sbin", "/sbin")  # the daemons' home, often missing from a non-login PATH
@@ -74,17 +76,7 @@ def _first_job_id(jobs: int = 20) -> int:
         first = rng.randrange(1000, 12000 - jobs)
         if all(_port_free(20000 + job) for job in range(first, first + jobs)):
             return first
-    raise ClusterUnavailable(f"no {jobs} consecutive free ports above 21000 on 127.0.0.1 for the jobs' MASTER_PORT")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    raise ClusterUnavailable(f"no {jobs} consecutive free ports in 21000-31999 on 127.0.0.1 for the jobs' MASTER_PORT")
 
 
 def ensure_installed() -> dict[str, str]:
@@ -239,9 +231,9 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
                 continue
             pids.append(pid)
         deadline = time.monotonic() + grace
-        while any(map(_pid_alive, pids)) and time.monotonic() < deadline:
+        while any(map(process_alive, pids)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for pid in filter(_pid_alive, pids):
+        for pid in filter(process_alive, pids):
             os.kill(pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ using it
