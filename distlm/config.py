@@ -6,7 +6,7 @@ as ``config.yaml``. Everything that can be wrong with a config is found here, be
 process group starts, and the error names the key and the allowed values.
 
 This module knows nothing of torch.distributed: the data-parallel size it validates against
-is passed in by the caller (see :func:`world_size_from_env`).
+is passed in by the caller (see :mod:`distlm.parallel.launch_env`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import yaml
 
 from distlm.data.blend import Source
 from distlm.fsutil import atomic_write_text
-from distlm.parallel.launch_env import ranks as ranks_from_env
 from distlm.parallel.layout import Layout, LayoutError, ranks_per_node_from_env
 
 
@@ -370,11 +369,6 @@ def _coerce(tp, value: Any, key: str):
 
 
 # --------------------------------------------------------------------------- checking
-
-
-def world_size_from_env(env: Optional[dict] = None) -> int:
-    """The number of processes the launcher started (1 when run directly); see parallel/launch_env.py."""
-    return ranks_from_env(os.environ if env is None else env).world_size
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from distlm.config import world_size_from_env
 from distlm.parallel import launch_env
 from distlm.parallel.launch_env import LaunchEnvError, Placement, resolve
 from distlm.parallel.rendezvous import RendezvousError, choose_gloo_interface, interface_of, local_interfaces, route_source
@@ -88,7 +87,6 @@ def test_slurm_tasks_per_node_is_read_for_this_node():
 
 def test_the_batch_script_itself_is_a_world_of_one():
     assert _resolve(SLURM_BATCH) == Placement("single", 0, 1, 0, 1, "127.0.0.1", 40000)
-    assert world_size_from_env(SLURM_BATCH) == 1
 
 
 def test_nothing_set_is_a_world_of_one_on_loopback():

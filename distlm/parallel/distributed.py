@@ -50,16 +50,13 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_choice: str = "auto", expected_world_size: Optional[int] = None,
-                     timeout_s: float = 1800.0, rendezvous_timeout_s: float = 300.0,
+def init_distributed(device_choice: str = "auto", timeout_s: float = 1800.0, rendezvous_timeout_s: float = 300.0,
                      placement: Optional[launch_env.Placement] = None) -> DistContext:
     """Join (or, for a single process, create) the default process group, and hand it to DeepSpeed.
 
     ``placement`` says who this process is and where the ranks meet (:mod:`launch_env`
-    resolves it from any launcher's variables when not given). ``expected_world_size`` is the
-    size the config was validated against before the group existed; a group of another size
-    is an error, not a silently different batch. The ranks have ``rendezvous_timeout_s`` to
-    meet; collectives then get ``timeout_s``.
+    resolves it from any launcher's variables when not given). The ranks have
+    ``rendezvous_timeout_s`` to meet; collectives then get ``timeout_s``.
     """
     placement = placement or launch_env.resolve()
     os.environ.update(placement.torch_env())  # DeepSpeed and torch read the torchrun spelling
@@ -73,12 +70,8 @@ def init_distributed(device_choice: str = "auto", expected_world_size: Optional[
                     rendezvous_timeout=timedelta(seconds=rendezvous_timeout_s),
                     collective_timeout=timedelta(seconds=timeout_s), device=device)
     hand_to_deepspeed(timedelta(seconds=timeout_s))
-    ctx = DistContext(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-                      local_rank=placement.local_rank, device=device)
-    if expected_world_size is not None and ctx.world_size != expected_world_size:
-        raise RuntimeError(f"the process group has {ctx.world_size} ranks but the launcher's environment "
-                           f"said {expected_world_size}; the batch split was planned for that")
-    return ctx
+    return DistContext(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                       local_rank=placement.local_rank, device=device)
 
 
 def hand_to_deepspeed(timeout: timedelta) -> None:

@@ -97,7 +97,7 @@ def train(cfg: Config) -> dict:
     check_model_fits(cfg, layout)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    ctx = init_distributed(cfg.train.device, expected_world_size=world_size, timeout_s=cfg.fault.collective_timeout_s,
+    ctx = init_distributed(cfg.train.device, timeout_s=cfg.fault.collective_timeout_s,
                            rendezvous_timeout_s=cfg.fault.rendezvous_timeout_s, placement=placement)
     run_dir = Path(cfg.run.dir)
     # Same config and code on every rank, a shared and writable run folder: or stop now (exit 6).
