@@ -108,6 +108,21 @@ def _heartbeat_pids(run_dir: Path) -> dict[int, int]:
 # ------------------------------------------------------------------------------------------- MPI
 
 
+def _train_to_the_reference(script: str, run_dir: Path, shards: Path, env: dict, reference: list, log: Path) -> str:
+    """Run the shared job through ``script``; it must end with 0 and train the reference curve. Its output."""
+    proc = _start(script, _script_args(run_dir, shards), env, log)
+    out, _ = _finish(proc, log, RUN_TIMEOUT)
+    name = Path(script).name
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{out[-6000:]}"
+    assert curve(run_dir) == reference, f"{name} trained another curve than torchrun:\n{out[-6000:]}"
+    return out
+
+
+def _without_master(env: dict) -> dict:
+    """``env`` less MASTER_ADDR/MASTER_PORT: under MPI, rank 0 then chooses and broadcasts them."""
+    return {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+
+
 def _python_recording_env(folder: Path) -> Path:
     """A PYTHON for mpirun.sh that writes the environment mpiexec gave it to folder/env.PID and then
     becomes this interpreter, keeping its pid: what the launcher told each rank, by pid."""
@@ -137,15 +152,9 @@ def test_mpirun_trains_the_reference_curve_under_mpich(tmp_path, launch_shards, 
     # No MASTER_ADDR/PORT: rank 0 picks them and tells the others over MPI (mpi4py). A stale
     # RANK/WORLD_SIZE in the launching shell must not make each rank a world of its own; hydra
     # passes all of it, like DISTLM_LAUNCH_PROBE, to every rank.
-    env = {k: v for k, v in launcher_env(NP=str(WORLD), MPIEXEC=str(mpiexec), PYTHON=str(_python_recording_env(record)),
-                                         DISTLM_LAUNCH_PROBE="reached", RANK="0", WORLD_SIZE="1").items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    log = tmp_path / "mpirun.log"
-    proc = _start(MPIRUN, _script_args(run_dir, launch_shards), env, log)
-    out, _ = _finish(proc, log, RUN_TIMEOUT)
-    assert proc.returncode == 0, f"mpirun.sh exited {proc.returncode}:\n{out[-6000:]}"
-
-    assert curve(run_dir) == launch_reference, f"mpirun.sh trained another curve than torchrun:\n{out[-6000:]}"
+    env = _without_master(launcher_env(NP=str(WORLD), MPIEXEC=str(mpiexec), PYTHON=str(_python_recording_env(record)),
+                                       DISTLM_LAUNCH_PROBE="reached", RANK="0", WORLD_SIZE="1"))
+    out = _train_to_the_reference(MPIRUN, run_dir, launch_shards, env, launch_reference, tmp_path / "mpirun.log")
     ranks = _recorded_envs(record)
     assert len(ranks) == WORLD, f"mpiexec started {len(ranks)} processes, not {WORLD}: {sorted(ranks)}"
     for pid, seen in ranks.items():
@@ -163,8 +172,7 @@ def test_mpi_ranks_waiting_for_a_rank_that_died_stop_at_the_rendezvous_deadline(
     shim = tmp_path / "python"
     shim.write_text(f'#!/bin/sh\n[ "$PMI_RANK" = 1 ] && exit 3\nexec "{sys.executable}" "$@"\n')
     shim.chmod(0o755)
-    env = {k: v for k, v in launcher_env(NP=str(WORLD), MPIEXEC=str(VENV_BIN / "mpiexec"), PYTHON=str(shim)).items()
-           if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env = _without_master(launcher_env(NP=str(WORLD), MPIEXEC=str(VENV_BIN / "mpiexec"), PYTHON=str(shim)))
     log = tmp_path / "mpirun.log"
     started = time.monotonic()
     proc = _start(MPIRUN, _script_args(tmp_path / "run", launch_shards, "fault.rendezvous_timeout_s=4"), env, log)
@@ -193,11 +201,7 @@ def _spawned_pids(out: str) -> set[int]:
 def test_hostfile_trains_the_reference_curve_through_deepspeed(tmp_path, launch_shards, launch_reference):
     run_dir = tmp_path / "run"
     env = launcher_env(HOSTFILE=str(_hostfile(tmp_path)), MASTER_PORT=str(_free_port()))
-    log = tmp_path / "hostfile.log"
-    proc = _start(HOSTFILE, _script_args(run_dir, launch_shards), env, log)
-    out, _ = _finish(proc, log, RUN_TIMEOUT)
-    assert proc.returncode == 0, f"hostfile.sh exited {proc.returncode}:\n{out[-6000:]}"
-    assert curve(run_dir) == launch_reference, f"hostfile.sh trained another curve than torchrun:\n{out[-6000:]}"
+    out = _train_to_the_reference(HOSTFILE, run_dir, launch_shards, env, launch_reference, tmp_path / "hostfile.log")
     pids = _heartbeat_pids(run_dir)
     assert sorted(pids) == list(range(WORLD))
     assert set(pids.values()) == _spawned_pids(out), f"the ranks are not launch.py's processes:\n{out[-6000:]}"

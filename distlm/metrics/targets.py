@@ -36,6 +36,7 @@ from typing import Optional
 
 from distlm.config import Config, ConfigError, load_config
 from distlm.fsutil import atomic_write_text
+from distlm.parallel.launch_env import slurm_task_counts
 
 JOB_LABEL = "distlm"
 
@@ -47,13 +48,7 @@ def run_label(cfg: Config) -> str:
 
 def tasks_per_node(spec: str, n_hosts: int) -> list[int]:
     """SLURM's task counts per node, "2(x3),1" -> [2, 2, 2, 1], checked against the host count."""
-    counts: list[int] = []
-    try:
-        for part in spec.split(","):
-            count, _, repeat = part.strip().partition("(x")
-            counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
-    except ValueError:
-        raise ValueError(f"tasks per node {spec!r} is not SLURM's form N or N(xK),M (SLURM_TASKS_PER_NODE)") from None
+    counts = slurm_task_counts(spec)
     if len(counts) == 1 and n_hosts > 1:  # a plain "2": the same on every node (--ntasks-per-node)
         counts *= n_hosts
     if len(counts) != n_hosts:

@@ -53,14 +53,20 @@ class LaunchEnvError(LaunchError):
 
 
 @dataclass(frozen=True)
-class Placement:
-    """This process's place in the job, and where the job's processes meet."""
+class Ranks:
+    """Who this process is, as its launcher says."""
 
     launcher: str
     rank: int
     world_size: int
     local_rank: int
     local_world_size: Optional[int]
+
+
+@dataclass(frozen=True)
+class Placement(Ranks):
+    """This process's place in the job, and where the job's processes meet."""
+
     master_addr: str
     master_port: int
 
@@ -85,7 +91,6 @@ _VARIABLES = {
     "mpich": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     "slurm": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", None),
 }
-_MPI_LAUNCHERS = ("openmpi", "mpich", "mpi4py")
 
 
 def detect(environ: Mapping[str, str]) -> str:
@@ -100,15 +105,6 @@ def detect(environ: Mapping[str, str]) -> str:
         if rank in environ and size in environ:
             return launcher
     return "single"
-
-
-@dataclass(frozen=True)
-class Ranks:
-    launcher: str
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: Optional[int]
 
 
 def ranks(environ: Mapping[str, str] = os.environ,
@@ -146,8 +142,7 @@ def resolve(environ: Mapping[str, str] = os.environ,
         else:  # an MPI launcher: rank 0 tells everyone
             mpi_addr, mpi_port = (mpi_master or functools.partial(master_from_mpi, timeout_s=mpi_timeout_s))(addr)
             addr, port = addr or mpi_addr, port or str(mpi_port)
-    return Placement(me.launcher, me.rank, me.world_size, me.local_rank, me.local_world_size, addr,
-                     _port(port, "MASTER_PORT"))
+    return Placement(**vars(me), master_addr=addr, master_port=_port(port, "MASTER_PORT"))
 
 
 def _ranks_from(environ: Mapping[str, str], launcher: str) -> tuple[int, int, int, Optional[int]]:
@@ -174,8 +169,8 @@ def _ranks_from(environ: Mapping[str, str], launcher: str) -> tuple[int, int, in
 
 
 def _local_rank_fallback(environ: Mapping[str, str], rank: int, world: int) -> int:
-    """No local rank given: only a one-node job can say (then local = global); else refuse, since two
-    ranks on one GPU would be silently wrong."""
+    """No local rank in the launcher's own variables: take another launcher's spelling if one is set,
+    else refuse (guessing could put two ranks on one GPU)."""
     if world == 1:
         return 0
     for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
@@ -191,12 +186,24 @@ def _slurm_tasks_on_this_node(environ: Mapping[str, str]) -> Optional[int]:
     node = environ.get("SLURM_NODEID")
     if not spec or node is None:
         return None
-    counts: list[int] = []
-    for part in spec.split(","):
-        count, _, repeat = part.partition("(x")
-        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    try:
+        counts = slurm_task_counts(spec)
+    except ValueError as e:
+        raise LaunchEnvError(str(e)) from None
     index = int(node)
     return counts[index] if index < len(counts) else None
+
+
+def slurm_task_counts(spec: str) -> list[int]:
+    """SLURM's tasks per node, "2(x3),1" -> [2, 2, 2, 1] (SLURM_TASKS_PER_NODE's form)."""
+    counts: list[int] = []
+    try:
+        for part in spec.split(","):
+            count, _, repeat = part.strip().partition("(x")
+            counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    except ValueError:
+        raise ValueError(f"tasks per node {spec!r} is not SLURM's form N or N(xK),M (SLURM_TASKS_PER_NODE)") from None
+    return counts
 
 
 def _slurm_nodelist(environ: Mapping[str, str]) -> str:
@@ -275,10 +282,6 @@ def _mpi4py_ranks() -> tuple[int, int, int, int]:
     world = MPI.COMM_WORLD
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
     return world.Get_rank(), world.Get_size(), node.Get_rank(), node.Get_size()
-
-
-def is_mpi(launcher: str) -> bool:
-    return launcher in _MPI_LAUNCHERS
 
 
 def _resolve_host(host: str) -> str:
