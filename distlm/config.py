@@ -205,9 +205,10 @@ class FaultConfig:
 class MetricsConfig:
     enabled: bool = False
     """Serve Prometheus metrics from every rank."""
-    port: int = 9400
-    """Rank r serves on port + local_rank."""
+    port: int = 9470
+    """Rank r serves on port + local_rank (not 9400: NVIDIA's DCGM exporter takes that on GPU nodes)."""
     bind: str = "127.0.0.1"
+    """The address the endpoints listen on; a Prometheus on another machine needs 0.0.0.0 or the node's address."""
 
 
 @dataclass

@@ -9,10 +9,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from distlm.config import MetricsConfig
 from distlm.metrics.exporter import Exporter, start_exporter
+from distlm.metrics.forward_clock import ForwardClock
 
 HTTP_TIMEOUT_S = 5
 LISTEN = "0A"       # TCP state in /proc/net/tcp*
@@ -134,6 +136,10 @@ def test_default_bind_is_loopback_only_and_serves_the_logged_row(closing):
 
     before = time.time()
     exporter.step(_row(7))
+    exporter.memory(2**30, 2**31)
+    exporter.evaluated(2.5)
+    exporter.describe_run(world_size=8, checkpoint_every_steps=100)
+    exporter.checkpoint_saved(1.5)
     samples = _scrape(port)
 
     node = socket.gethostname()
@@ -146,11 +152,15 @@ def test_default_bind_is_loopback_only_and_serves_the_logged_row(closing):
     assert _value(samples, "distlm_tokens_total", **constant) == 4096 * 7
     assert _value(samples, "distlm_data_errors_total", kind="decode", **constant) == 2
     assert _value(samples, "distlm_memory_allocated_bytes", **constant) == 2**30
-    assert _value(samples, "distlm_step_duration_seconds_count", **constant) == 1
-    assert _value(samples, "distlm_step_duration_seconds_sum", **constant) == 0.25
-    assert _value(samples, "distlm_step_duration_seconds_bucket", le="0.3", **constant) == 1
-    assert _value(samples, "distlm_step_duration_seconds_bucket", le="0.2", **constant) == 0
+    assert _value(samples, "distlm_memory_max_allocated_bytes", **constant) == 2**31
+    assert _value(samples, "distlm_val_loss", **constant) == 2.5
+    assert _value(samples, "distlm_world_size", **constant) == 8
+    assert _value(samples, "distlm_checkpoint_every_steps", **constant) == 100
+    assert _value(samples, "distlm_checkpoint_save_duration_seconds", **constant) == 1.5
+    assert _value(samples, "distlm_checkpoint_save_failures_total", **constant) == 0
+    assert before <= _value(samples, "distlm_checkpoint_last_success_timestamp_seconds", **constant) <= time.time()
     assert before <= _value(samples, "distlm_last_step_timestamp_seconds", **constant) <= time.time()
+    assert _value(samples, "distlm_start_timestamp_seconds", **constant) <= before
     assert _value(samples, "distlm_build_info", version="0.1.0", **constant) == 1
 
     ours = [labels for (name, labels) in samples if name.startswith("distlm_")]
@@ -206,6 +216,47 @@ def test_each_local_rank_serves_its_own_port_and_close_frees_it(closing):
     assert _sockets_on_port(port, LISTEN), "closing rank 1 left rank 0 serving"
 
 
+def test_phases_time_the_data_wait_and_each_step():
+    exporter = Exporter(rank=0, run="unit")
+    exporter.phase(0, "agree")
+    exporter.phase(0, "data")
+    waiting_since = _sample_value(exporter, "distlm_dataloader_waiting_since_timestamp_seconds")
+    assert waiting_since == pytest.approx(time.time(), abs=5)  # visible while the wait lasts
+    time.sleep(0.05)
+    exporter.phase(0, "step")
+    assert _sample_value(exporter, "distlm_dataloader_waiting_since_timestamp_seconds") == 0
+    assert 0.05 <= _sample_value(exporter, "distlm_dataloader_wait_seconds_total") < 1
+    time.sleep(0.03)
+    exporter.phase(1, "save")  # the save is not part of the step
+    assert _sample_value(exporter, "distlm_step_duration_seconds_count") == 1
+    assert 0.08 <= _sample_value(exporter, "distlm_step_duration_seconds_sum") < 1
+    time.sleep(0.05)
+    exporter.phase(1, "agree")
+    assert _sample_value(exporter, "distlm_step_duration_seconds_count") == 1
+    assert _sample_value(exporter, "distlm_step_duration_seconds_sum") < 0.13
+    assert _sample_value(exporter, "distlm_step") == 1
+    assert _sample_value(exporter, "distlm_step_duration_seconds_bucket", le="0.2") == 1
+    assert _sample_value(exporter, "distlm_step_duration_seconds_bucket", le="0.05") == 0
+
+
+def test_forward_clock_counts_only_forward_passes():
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.02)
+            return x * 2
+
+    module = Slow()
+    clock = ForwardClock(module, torch.device("cpu"))
+    for _ in range(3):
+        module(torch.ones(2)).sum()
+    time.sleep(0.05)  # outside forward: not counted
+    assert 0.06 <= clock.take_seconds() < 0.1
+    assert clock.take_seconds() == 0  # each call returns what is new
+    clock.close()
+    module(torch.ones(2))
+    assert clock.take_seconds() == 0  # hooks removed
+
+
 def test_skipped_steps_count_per_reason():
     exporter = Exporter(rank=0, run="unit")  # records, serves nothing
     for reason in ("nonfinite", "spike", "nonfinite"):
@@ -237,6 +288,18 @@ def test_counters_follow_running_totals_and_never_decrease():
     exporter.checkpoint_saved(1.5)
     assert _sample_value(exporter, "distlm_checkpoint_save_duration_seconds") == 1.5
     assert _sample_value(exporter, "distlm_checkpoint_last_success_timestamp_seconds") > 0
+
+
+def test_a_resumed_process_counts_only_its_own_work():
+    exporter = Exporter(rank=0, run="unit")
+    exporter.resumed(tokens=10_000_000, data_errors={"decode": 4}, checkpoint_errors=1)
+    assert _sample_value(exporter, "distlm_tokens_trained") == 10_000_000
+    exporter.step(_row(101, tokens=10_004_096, data_errors={"decode": 5}, checkpoint_errors=1))
+    # rate() over the restart sees 4096 new tokens, not ten million in one scrape interval.
+    assert _sample_value(exporter, "distlm_tokens_total") == 4096
+    assert _sample_value(exporter, "distlm_tokens_trained") == 10_004_096
+    assert _sample_value(exporter, "distlm_data_errors_total", kind="decode") == 1
+    assert _sample_value(exporter, "distlm_checkpoint_save_failures_total") == 0
 
 
 def test_mfu_left_unset_when_not_measured():

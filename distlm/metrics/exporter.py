@@ -7,6 +7,15 @@ nothing, so the training loop never branches on whether metrics are being served
 
 Every series carries the constant labels ``run``, ``rank`` and ``node``; labels stay bounded,
 so no step number is ever a label.
+
+What is recorded when:
+- at every phase change of the loop (``phase``): the heartbeat, the data-loader wait and
+  whether this rank is waiting for a batch right now, and one step-duration observation per
+  optimizer step; a handful of clock reads and lock operations, so it costs microseconds;
+- at every logged step (``step``): loss, lr, grad norm, MFU, tokens, data errors, memory,
+  forward-pass seconds and failed checkpoint saves;
+- at evaluations and checkpoint saves: the val loss, the save duration and time.
+The names and what each is for are listed in monitoring/README.md.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 import distlm
 from distlm.config import MetricsConfig
+from distlm.data.shards import ERROR_KINDS
 
 CONSTANT_LABELS = ("run", "rank", "node")
 
@@ -68,8 +78,19 @@ class Exporter:
         self._constant = {"run": run, "rank": str(rank), "node": socket.gethostname()}
         # The last running totals seen, per counter key, so counters advance by differences.
         self._last_totals: dict[str, float] = {}
+        # The loop's current phase and when it began (perf_counter), and when this step's data
+        # wait began: a step's duration runs from there to the end of its "step" phase.
+        self._phase: str | None = None
+        self._phase_started = 0.0
+        self._step_started: float | None = None
         self._define_series()
         self._publish_build_info()
+        self._start_timestamp.set(time.time())
+
+    def describe_run(self, world_size: int, checkpoint_every_steps: int) -> None:
+        """What the alerts compare against: how many ranks should report, whether saves are due."""
+        self._world_size.set(world_size)
+        self._checkpoint_every_steps.set(checkpoint_every_steps)
 
     # ------------------------------------------------------------------ recording
 
@@ -79,19 +100,62 @@ class Exporter:
         self._set_if_present(self._learning_rate, row.get("lr"))
         self._set_if_present(self._grad_norm, row.get("grad_norm"))
         self._set_if_present(self._mfu_ratio, row.get("mfu"))
-        self._set_if_present(self._memory_allocated, row.get("mem_bytes"))
         if row.get("tokens") is not None:
+            self._tokens_trained.set(row["tokens"])
             self._advance_counter(self._tokens, "tokens", row["tokens"])
+        if row.get("checkpoint_errors") is not None:
+            self._advance_counter(self._checkpoint_save_failures, "checkpoint_errors", row["checkpoint_errors"])
         for kind, count in (row.get("data_errors") or {}).items():
             self._advance_counter(self._data_errors.labels(kind=str(kind)), f"data_errors/{kind}", count)
-        if _is_finite_number(row.get("ms_per_step")):
-            self._step_duration.observe(row["ms_per_step"] / 1000.0)
         self.heartbeat(row["step"])
 
+    def resumed(self, tokens: float, data_errors: dict | None, checkpoint_errors: int) -> None:
+        """The totals a resumed run starts from. The counters count this process's work from
+        here on: a restart must not read as the whole run's tokens trained in one scrape."""
+        self._tokens_trained.set(tokens)
+        self._last_totals["tokens"] = tokens
+        self._last_totals["checkpoint_errors"] = checkpoint_errors
+        for kind, count in (data_errors or {}).items():
+            self._last_totals[f"data_errors/{kind}"] = count
+
+    def phase(self, step: int, phase: str) -> None:
+        """The loop entered ``phase`` ("agree", "data", "step", "save", "eval", ...) of ``step``.
+
+        "data" is the wait for the step's batches and "step" the forward, backward and update:
+        their sum is one observation of the step duration (saves and evaluations stay out of it,
+        as they do out of the logged throughput). While in "data", the waiting-since gauge holds
+        the wall time the wait began, so a loader that never delivers is visible while it hangs.
+        """
+        now = time.perf_counter()
+        if self._phase == "data":
+            self._dataloader_wait.inc(now - self._phase_started)
+            self._dataloader_waiting_since.set(0)
+        elif self._phase == "step" and self._step_started is not None:
+            self._step_duration.observe(now - self._step_started)
+            self._step_started = None
+        if phase == "data":
+            self._dataloader_waiting_since.set(time.time())
+            self._step_started = now
+        elif phase == "agree":  # once per step, at its boundary
+            self.heartbeat(step)
+        self._phase, self._phase_started = phase, now
+
     def heartbeat(self, step: int) -> None:
-        """Every step: proof of life for the 'training stalled' alert, without the cost of a row."""
+        """Proof of life for the 'training stalled' alert: ``step`` optimizer steps are done."""
         self._last_step_timestamp.set(time.time())
         self._step.set(step)
+
+    def evaluated(self, val_loss: float) -> None:
+        self._val_loss.set(val_loss)
+
+    def memory(self, allocated: float, max_allocated: float) -> None:
+        self._memory_allocated.set(allocated)
+        self._memory_max_allocated.set(max_allocated)
+
+    def forward_seconds(self, seconds: float) -> None:
+        """Add time spent in forward passes (see distlm.metrics.forward_clock)."""
+        if seconds > 0:
+            self._forward_seconds.inc(seconds)
 
     def skipped_step(self, reason: str) -> None:
         self._skipped_steps.labels(reason=reason).inc()
@@ -125,7 +189,11 @@ class Exporter:
     # ------------------------------------------------------------------ internals
 
     def _define_series(self) -> None:
+        self._world_size = self._gauge("distlm_world_size", "Ranks in this run (how many should report).")
+        self._start_timestamp = self._gauge(
+            "distlm_start_timestamp_seconds", "Unix time this process started (ages count from it before a first step or save).")
         self._loss = self._gauge("distlm_loss", "Training loss of the last logged step.")
+        self._val_loss = self._gauge("distlm_val_loss", "Validation loss of the last evaluation.")
         self._learning_rate = self._gauge("distlm_learning_rate", "Learning rate of the last logged step.")
         self._grad_norm = self._gauge("distlm_grad_norm", "Gradient norm (before clipping) of the last logged step.")
         self._mfu_ratio = self._gauge("distlm_mfu_ratio", "Model FLOPs utilisation, 0..1.")
@@ -133,21 +201,46 @@ class Exporter:
         self._last_step_timestamp = self._gauge(
             "distlm_last_step_timestamp_seconds", "Unix time of the last completed step (heartbeat).")
         self._memory_allocated = self._gauge(
-            "distlm_memory_allocated_bytes", "Accelerator memory allocated at the last logged step.")
+            "distlm_memory_allocated_bytes",
+            "Memory in use at the last logged step: CUDA memory allocated by tensors, or the process's resident set on the CPU.")
+        self._memory_max_allocated = self._gauge(
+            "distlm_memory_max_allocated_bytes", "The peak of distlm_memory_allocated_bytes since the process started.")
+        self._dataloader_waiting_since = self._gauge(
+            "distlm_dataloader_waiting_since_timestamp_seconds",
+            "Unix time this rank began waiting for its next batch; 0 while it is not waiting.")
+        self._checkpoint_every_steps = self._gauge(
+            "distlm_checkpoint_every_steps", "train.save_every: steps between checkpoints (0: only at the end).")
         self._checkpoint_save_duration = self._gauge(
             "distlm_checkpoint_save_duration_seconds", "How long the last successful checkpoint save took.")
         self._checkpoint_last_success = self._gauge(
             "distlm_checkpoint_last_success_timestamp_seconds", "Unix time of the last successful checkpoint save.")
-        self._tokens = self._counter("distlm_tokens_total", "Training tokens processed.")
+        self._tokens = self._counter(
+            "distlm_tokens_total",
+            "Training tokens the whole run processed since this process started (the same on every rank): "
+            "rate() is the run's tokens/s.")
+        self._tokens_trained = self._gauge(
+            "distlm_tokens_trained", "Training tokens up to the current step, over all restarts of the run.")
         self._restarts = self._counter("distlm_restarts_total", "Times this run was restarted.")
+        self._dataloader_wait = self._counter(
+            "distlm_dataloader_wait_seconds_total", "Seconds this rank waited for training batches.")
+        self._forward_seconds = self._counter(
+            "distlm_forward_seconds_total",
+            "Seconds this rank spent in forward passes; with data parallelism they hold no collective, "
+            "so a slow rank shows here while every rank's step time is the same.")
+        self._checkpoint_save_failures = self._counter(
+            "distlm_checkpoint_save_failures_total", "Checkpoint saves that failed (checkpoint.on_error=continue).")
         self._data_errors = self._counter(
             "distlm_data_errors_total", "Bad data met by the loader, by kind.", ("kind",))
         self._skipped_steps = self._counter(
             "distlm_skipped_steps_total", "Optimizer steps skipped, by reason.", ("reason",))
-        for reason in SKIP_REASONS:  # present at zero from the start, so increase() sees the first skip
+        # Present at zero from the start, so increase() sees the first one and panels show a 0.
+        for reason in SKIP_REASONS:
             self._skipped_steps.labels(reason=reason)
+        for kind in ERROR_KINDS:
+            self._data_errors.labels(kind=kind)
         self._step_duration = Histogram(
-            "distlm_step_duration_seconds", "Wall time of one optimizer step.",
+            "distlm_step_duration_seconds",
+            "Wall time of one optimizer step: waiting for its data plus forward, backward and update.",
             CONSTANT_LABELS, registry=self.registry, buckets=STEP_DURATION_BUCKETS,
         ).labels(**self._constant)
 
@@ -176,8 +269,9 @@ class Exporter:
         or a resumed run reports a smaller total. Counting the re-done work again is deliberate:
         rate(distlm_tokens_total) is the tokens/s the hardware actually processes, and holding a
         high-water mark instead would show zero throughput (and fire the throughput alert) while
-        the rolled-back steps are repeated. The counter therefore equals row['tokens'] until the
-        first rollback and exceeds it afterwards by the work that was repeated.
+        the rolled-back steps are repeated. The counter therefore equals row['tokens'] minus the
+        total the process resumed from (see ``resumed``) until the first rollback, and exceeds
+        that afterwards by the work that was repeated.
         """
         if not _is_finite_number(running_total):
             return

@@ -153,6 +153,7 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
     # them counts them for the digest and the damaged-row totals.
     counts_data = groups.coords.tp_rank == 0 and groups.coords.stage == 0
     saver = make_saver(engine, model, cfg, groups, ctx, ckpt_dir, rng, log.info)
+    supervisor.watch(model)  # forward-pass time per rank, for the metrics
 
     state = TrainState()
     if resume_from is not None:
@@ -164,7 +165,7 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
         kept = log.start_fresh()
         if kept:
             log.info(f"no checkpoint to resume from: the previous metrics.jsonl is kept as {kept}")
-    supervisor.resumed(state.bad_steps)
+    supervisor.resumed(state)
     if ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
     if not has_val:
@@ -276,6 +277,7 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
             val_loss, n = evaluate(engine, cfg, batch, ctx, groups, data_errors=data_errors)
             log.eval({"step": state.step, "val_loss": val_loss, "val_batches": n,
                       "elapsed_s": time.perf_counter() - started})
+            supervisor.evaluated(val_loss)
             last["val_loss"] = val_loss
         if saving_now or evaluating_now:
             interval = _Interval()  # keep their time out of the next throughput figure

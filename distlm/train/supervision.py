@@ -24,7 +24,9 @@ from distlm.fault.exit_codes import record_exit
 from distlm.fault.preemption import Preemption
 from distlm.fault.watchdog import HangReport, Watchdog
 from distlm.metrics.exporter import start_exporter
+from distlm.metrics.forward_clock import ForwardClock
 from distlm.parallel.distributed import DistContext
+from distlm.train.resources import memory_now_and_peak
 
 
 class Supervisor:
@@ -43,10 +45,13 @@ class Supervisor:
                                  on_hang=self._on_hang)
         self.exporter = start_exporter(cfg.metrics, ctx.rank, ctx.local_rank, cfg.run.name or run_dir.name,
                                        warn=_say_on_every_rank)
-        if self.exporter is not None and self.exporter.address is not None:
-            host, port = self.exporter.address
-            log(f"metrics: rank 0 serves Prometheus on http://{host}:{port}/metrics "
-                f"(rank r on metrics.port + its local rank)")
+        if self.exporter is not None:
+            self.exporter.describe_run(ctx.world_size, cfg.train.save_every)
+            if self.exporter.address is not None:
+                host, port = self.exporter.address
+                log(f"metrics: rank 0 serves Prometheus on http://{host}:{port}/metrics "
+                    f"(rank r on metrics.port + its local rank)")
+        self.forward_clock: Optional[ForwardClock] = None
         self.guard = StepGuard(cfg.fault.spike_factor, cfg.fault.spike_window)
         # The per-step agreement goes over gloo on the host: on GPUs an NCCL all-reduce read
         # back every step would stall the CPU until the GPU finished the step.
@@ -70,10 +75,17 @@ class Supervisor:
         if _any_rank(refusal is not None, self.control_device, self.control_group):
             raise CrashLoopError(refusal or "rank 0 found a crash loop in RUN_DIR/starts.jsonl (its log says more)")
 
-    def resumed(self, bad_steps: dict) -> None:
-        self.guard.state.update(bad_steps or {})
-        if self.exporter is not None:  # the launcher's count, the same on every rank
-            self.exporter.restarts(restart_count_from_env())
+    def watch(self, model: torch.nn.Module) -> None:
+        """Time the model's forward passes for the metrics (the straggler signal)."""
+        if self.exporter is not None:
+            self.forward_clock = ForwardClock(model, self.ctx.device)
+
+    def resumed(self, state) -> None:
+        """Carry on from a TrainState: the bad-step history, and the totals the metrics continue."""
+        self.guard.state.update(state.bad_steps or {})
+        if self.exporter is not None:
+            self.exporter.restarts(restart_count_from_env())  # the launcher's count, the same on every rank
+            self.exporter.resumed(state.tokens_seen, state.data.get("errors"), state.checkpoint_errors)
 
     # ---------------------------------------------------------------- each step
 
@@ -81,8 +93,8 @@ class Supervisor:
         self.step = step
         self.watchdog.progress(step, phase)
         self.watchdog.start()  # a no-op once running
-        if phase == "agree" and self.exporter is not None:  # once per step
-            self.exporter.heartbeat(step)
+        if self.exporter is not None:
+            self.exporter.phase(step, phase)
 
     def preempt_budget_left(self) -> float:
         """Seconds left of fault.preempt_save_timeout_s (0: no budget), counted from this rank's signal."""
@@ -118,6 +130,13 @@ class Supervisor:
     def logged(self, row: dict) -> None:
         if self.exporter is not None:
             self.exporter.step(row)
+            self.exporter.memory(*memory_now_and_peak(self.ctx.device))
+            if self.forward_clock is not None:
+                self.exporter.forward_seconds(self.forward_clock.take_seconds())
+
+    def evaluated(self, val_loss: float) -> None:
+        if self.exporter is not None:
+            self.exporter.evaluated(val_loss)
 
     def saved(self, seconds: float) -> None:
         if self.exporter is not None:
@@ -135,6 +154,8 @@ class Supervisor:
     def close(self) -> None:
         self.watchdog.stop()
         self.preemption.uninstall()
+        if self.forward_clock is not None:
+            self.forward_clock.close()
         if self.exporter is not None:
             self.exporter.close()
 
