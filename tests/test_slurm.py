@@ -146,7 +146,8 @@ def test_preempted_job_saves_requeues_and_resumes_the_same_curve(cluster, launch
         time.sleep(0.1)
     # The target file names live endpoints: every rank serves there, with the same run label.
     groups = json.loads(target_file.read_text())
-    assert groups == [{"targets": [f"localhost:{port}", f"localhost:{port + 1}"],
+    # One host and the default metrics.bind=127.0.0.1: the endpoints answer on loopback only.
+    assert groups == [{"targets": [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"],
                        "labels": {"job": "distlm", "run": "run", "slurm_job_id": job}}], groups
     for target in groups[0]["targets"]:
         with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as response:
@@ -250,10 +251,22 @@ def test_target_file_uses_run_name_and_uneven_task_counts(tmp_path):
     code, out = _targets(tmp_path, "metrics.enabled=true", "run.name=pretrain-a", hosts="a b c", tasks="2(x2),1")
     assert code == 0
     (group,) = json.loads(out.read_text())
-    assert group["targets"] == ["a:9400", "a:9401", "b:9400", "b:9401", "c:9400"]  # metrics.port's default
+    assert group["targets"] == ["a:9470", "a:9471", "b:9470", "b:9471", "c:9470"]  # metrics.port's default
     assert group["labels"] == {"job": "distlm", "run": "pretrain-a", "slurm_job_id": "4242"}
     cfg = load_config(CONFIG, ["run.name=pretrain-a"])
     assert targets_module.run_label(cfg) == "pretrain-a"
+
+
+def test_target_file_of_one_host_names_the_address_the_ranks_bind(tmp_path, capsys):
+    code, out = _targets(tmp_path, "metrics.enabled=true", hosts="node1", tasks="2")
+    assert code == 0
+    assert json.loads(out.read_text())[0]["targets"] == ["127.0.0.1:9470", "127.0.0.1:9471"]
+    code, out = _targets(tmp_path, "metrics.enabled=true", "metrics.bind=0.0.0.0", hosts="node1", tasks="2")
+    assert json.loads(out.read_text())[0]["targets"] == ["node1:9470", "node1:9471"]
+    assert "WARNING" not in capsys.readouterr().err
+    # Several hosts on loopback: nobody can scrape them all, and the user is told how to fix it.
+    _targets(tmp_path, "metrics.enabled=true")
+    assert "metrics.bind=0.0.0.0" in capsys.readouterr().err
 
 
 def test_target_file_is_not_written_when_metrics_are_off(tmp_path, capsys):
