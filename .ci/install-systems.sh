@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install the real systems the launcher tests start (SLURM and its authentication, munge), so CI
-# tests them instead of skipping them. Idempotent: when everything is present it only checks and
+# Install the real systems the tests start (SLURM and its authentication, munge; the Prometheus
+# server and promtool), so CI tests them instead of skipping them. Idempotent: when everything is present it only checks and
 # returns in well under a second; it never starts a daemon (the tests start and stop their own).
 #
 #   .ci/install-systems.sh        (as root, on Debian/Ubuntu; prints one line per thing it does)
@@ -8,10 +8,11 @@ set -euo pipefail
 
 # package -> the commands the tests run from it: what "already installed" means here.
 declare -A PROVIDES=([slurm-wlm]="slurmctld slurmd sbatch srun squeue scontrol scancel sinfo"
-                     [munge]="munged munge unmunge")
+                     [munge]="munged munge unmunge"
+                     [prometheus]="prometheus promtool")
 
 missing=()
-for package in slurm-wlm munge; do
+for package in slurm-wlm munge prometheus; do
   for program in ${PROVIDES[$package]}; do
     # The daemons live in /usr/sbin, which a non-login PATH may lack.
     if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$program" >/dev/null 2>&1; then
@@ -22,7 +23,7 @@ for package in slurm-wlm munge; do
 done
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install-systems: slurm-wlm and munge already installed"
+  echo "install-systems: slurm-wlm, munge and prometheus already installed"
   exit 0
 fi
 
