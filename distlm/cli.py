@@ -1,5 +1,5 @@
-"""The ``distlm`` command: ``distlm prepare ...``, ``distlm data verify|bench DIR`` and
-``distlm train CONFIG [key.sub=value ...]``.
+"""The ``distlm`` command: ``distlm prepare ...``, ``distlm data verify|bench DIR``,
+``distlm train CONFIG [key.sub=value ...]`` and ``distlm plot RUN_DIR``.
 
 Run directly, ``distlm train`` trains in one process. For several processes on one node::
 
@@ -73,6 +73,19 @@ def _export(args: argparse.Namespace) -> int:
     from distlm.checkpoint.export import export_hf
 
     export_hf(args.checkpoint, args.out, log=lambda message: print(message, flush=True))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from distlm.metrics.plot import MatplotlibMissing, plot_run
+
+    try:
+        out, summary = plot_run(args.run_dir, args.out)
+    except MatplotlibMissing as e:  # an optional dependency: say what to install, not a traceback
+        print(f"distlm: {e}", file=sys.stderr)
+        return exit_codes.FAILED
+    print(out, flush=True)
+    print(summary, flush=True)
     return 0
 
 
@@ -153,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["hf"], default="hf", help="hf: Hugging Face transformers (the default)")
     e.add_argument("out", metavar="OUT", help="folder to write the exported model into")
     e.set_defaults(run=_export)
+
+    pl = sub.add_parser("plot", help="draw a run's loss, val loss, lr and throughput into a PNG (needs matplotlib)",
+                        description="Write a PNG of RUN_DIR/metrics.jsonl: loss and val loss, learning rate, "
+                                    "throughput and gradient norm against the step, and print its path and a "
+                                    "summary. Only metrics.jsonl is plotted, not the metrics.N.jsonl files that "
+                                    "earlier fresh starts in the same folder set aside.")
+    pl.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (run.dir) that holds metrics.jsonl")
+    pl.add_argument("--out", metavar="PATH", default=None, help="PNG to write (default RUN_DIR/metrics.png)")
+    pl.set_defaults(run=_plot)
     return parser
 
 
