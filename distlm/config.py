@@ -209,6 +209,8 @@ class MetricsConfig:
     """Rank r serves on port + local_rank (not 9400: NVIDIA's DCGM exporter takes that on GPU nodes)."""
     bind: str = "127.0.0.1"
     """The address the endpoints listen on; a Prometheus on another machine needs 0.0.0.0 or the node's address."""
+    targets_dir: str = "monitoring/targets"
+    """Where rank 0 writes the run's Prometheus file_sd target file (DISTLM_TARGETS_DIR overrides; '': none)."""
 
 
 @dataclass

@@ -29,9 +29,6 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # the --signals-to-handle option: torch 2.13's launcher overwrites the environment variable
 # TORCHELASTIC_SIGNALS_TO_HANDLE with the option's default.
 SIGNALS=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
-# With metrics.enabled, Prometheus finds the ranks through this file (see monitoring/README.md).
-. "$(dirname "$0")/targets.sh"
-write_node_targets "local-$(hostname)-$$" "$NPROC" "$@"
 # MAX_RESTARTS: how often torchrun restarts the job after a failure (each restart resumes from
 # the last checkpoint; distlm refuses a start that would repeat a crash, exit code 80).
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" --max-restarts "${MAX_RESTARTS:-0}" \

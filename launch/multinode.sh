@@ -104,9 +104,6 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 # SIGQUIT) before it installs its handlers, so the variable alone does nothing (measured: a
 # SIGUSR1 killed torchrun, exit 138, and the worker lived on).
 signals=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2}
-# With metrics.enabled, each node lists its own ranks for Prometheus (see monitoring/README.md).
-. "$(dirname "$0")/targets.sh"
-write_node_targets "${RDZV_ID:-distlm}-node$NODE_RANK-$(hostname)" "$NPROC" "$@"
 exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" \
   --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-distlm}" --rdzv-conf "$rdzv_conf" \
   ${local_addr[@]+"${local_addr[@]}"} --signals-to-handle "$signals" --max-restarts "${MAX_RESTARTS:-3}" \

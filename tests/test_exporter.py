@@ -149,7 +149,7 @@ def test_default_bind_is_loopback_only_and_serves_the_logged_row(closing):
     assert _value(samples, "distlm_grad_norm", **constant) == 0.9
     assert _value(samples, "distlm_mfu_ratio", **constant) == 0.41
     assert _value(samples, "distlm_step", **constant) == 7
-    assert _value(samples, "distlm_tokens_total", **constant) == 4096 * 7
+    assert _value(samples, "distlm_tokens_trained", **constant) == 4096 * 7
     assert _value(samples, "distlm_data_errors_total", kind="decode", **constant) == 2
     assert _value(samples, "distlm_memory_allocated_bytes", **constant) == 2**30
     assert _value(samples, "distlm_memory_max_allocated_bytes", **constant) == 2**31
@@ -216,41 +216,60 @@ def test_each_local_rank_serves_its_own_port_and_close_frees_it(closing):
     assert _sockets_on_port(port, LISTEN), "closing rank 1 left rank 0 serving"
 
 
-def test_phases_time_the_data_wait_and_each_step():
+class _Clock:
+    """time.perf_counter and time.time under the test's control: exact durations, no sleeps."""
+
+    def __init__(self, monkeypatch):
+        self.now = 1000.0
+        monkeypatch.setattr(time, "perf_counter", lambda: self.now)
+        monkeypatch.setattr(time, "time", lambda: 1.7e9 + self.now)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_phases_time_the_data_wait_and_each_step(monkeypatch):
+    clock = _Clock(monkeypatch)
     exporter = Exporter(rank=0, run="unit")
+    exporter.describe_rank(tokens_per_step=4096, stage=0, dp_rank=1, tp_rank=0)
     exporter.phase(0, "agree")
+    clock.advance(1.0)
     exporter.phase(0, "data")
-    waiting_since = _sample_value(exporter, "distlm_dataloader_waiting_since_timestamp_seconds")
-    assert waiting_since == pytest.approx(time.time(), abs=5)  # visible while the wait lasts
-    time.sleep(0.05)
+    # Visible while the wait lasts: when it began.
+    assert _sample_value(exporter, "distlm_dataloader_waiting_since_timestamp_seconds") == 1.7e9 + clock.now
+    clock.advance(0.25)
     exporter.phase(0, "step")
     assert _sample_value(exporter, "distlm_dataloader_waiting_since_timestamp_seconds") == 0
-    assert 0.05 <= _sample_value(exporter, "distlm_dataloader_wait_seconds_total") < 1
-    time.sleep(0.03)
-    exporter.phase(1, "save")  # the save is not part of the step
+    assert _sample_value(exporter, "distlm_dataloader_wait_seconds_total") == pytest.approx(0.25)
+    clock.advance(0.5)
+    exporter.phase(1, "save")  # the step ends; the save is not part of it
     assert _sample_value(exporter, "distlm_step_duration_seconds_count") == 1
-    assert 0.08 <= _sample_value(exporter, "distlm_step_duration_seconds_sum") < 1
-    time.sleep(0.05)
+    assert _sample_value(exporter, "distlm_step_duration_seconds_sum") == pytest.approx(0.75)  # data + step
+    assert _sample_value(exporter, "distlm_step_duration_seconds_bucket", le="0.75") == 1
+    assert _sample_value(exporter, "distlm_step_duration_seconds_bucket", le="0.5") == 0
+    assert _sample_value(exporter, "distlm_tokens_total") == 4096  # counted every step
+    clock.advance(30.0)
     exporter.phase(1, "agree")
-    assert _sample_value(exporter, "distlm_step_duration_seconds_count") == 1
-    assert _sample_value(exporter, "distlm_step_duration_seconds_sum") < 0.13
+    assert _sample_value(exporter, "distlm_step_duration_seconds_sum") == pytest.approx(0.75)
     assert _sample_value(exporter, "distlm_step") == 1
-    assert _sample_value(exporter, "distlm_step_duration_seconds_bucket", le="0.2") == 1
-    assert _sample_value(exporter, "distlm_step_duration_seconds_bucket", le="0.05") == 0
+    assert _sample_value(exporter, "distlm_last_step_timestamp_seconds") == 1.7e9 + clock.now
+    assert _sample_value(exporter, "distlm_layout_info", stage="0", dp_rank="1", tp_rank="0") == 1
 
 
-def test_forward_clock_counts_only_forward_passes():
+def test_forward_clock_counts_only_forward_passes(monkeypatch):
+    fake = _Clock(monkeypatch)
+
     class Slow(torch.nn.Module):
         def forward(self, x):
-            time.sleep(0.02)
+            fake.advance(0.02)
             return x * 2
 
     module = Slow()
     clock = ForwardClock(module, torch.device("cpu"))
     for _ in range(3):
         module(torch.ones(2)).sum()
-    time.sleep(0.05)  # outside forward: not counted
-    assert 0.06 <= clock.take_seconds() < 0.1
+    fake.advance(5)  # outside forward: not counted
+    assert clock.take_seconds() == pytest.approx(0.06)
     assert clock.take_seconds() == 0  # each call returns what is new
     clock.close()
     module(torch.ones(2))
@@ -268,19 +287,23 @@ def test_skipped_steps_count_per_reason():
 def test_counters_follow_running_totals_and_never_decrease():
     exporter = Exporter(rank=0, run="unit")  # records, serves nothing
     totals = []
-    for tokens in (1000, 3000, 3000, 5000):
-        exporter.step(_row(1, tokens=tokens))
-        totals.append(_sample_value(exporter, "distlm_tokens_total"))
-    assert totals == [1000, 3000, 3000, 5000]
+    for decode in (1, 3, 3, 5):
+        exporter.step(_row(1, data_errors={"decode": decode}))
+        totals.append(_sample_value(exporter, "distlm_data_errors_total", kind="decode"))
+    assert totals == [1, 3, 3, 5]
 
-    # A smaller total (a rollback or a resumed run) must neither raise nor lower the counter;
-    # the work done after it counts again, so rate() keeps showing real throughput.
-    exporter.step(_row(1, tokens=2000, data_errors={"decode": 1}))
-    assert _sample_value(exporter, "distlm_tokens_total") == 5000
-    exporter.step(_row(2, tokens=2500, data_errors={"decode": 3, "schema": 1}))
-    assert _sample_value(exporter, "distlm_tokens_total") == 5500
-    assert _sample_value(exporter, "distlm_data_errors_total", kind="decode") == 4
-    assert _sample_value(exporter, "distlm_data_errors_total", kind="schema") == 1
+    # A smaller total (a rollback) must neither raise nor lower the counter; what comes after it
+    # counts again.
+    exporter.step(_row(1, data_errors={"decode": 2}))
+    assert _sample_value(exporter, "distlm_data_errors_total", kind="decode") == 5
+    exporter.step(_row(2, data_errors={"decode": 4, "checksum": 1}))
+    assert _sample_value(exporter, "distlm_data_errors_total", kind="decode") == 7
+    assert _sample_value(exporter, "distlm_data_errors_total", kind="checksum") == 1
+    assert _sample_value(exporter, "distlm_data_errors_total", kind="truncated") == 0  # every kind from the start
+    exporter.step(_row(3, data_errors={"decode": 4, "checksum": 1, "rows_skipped": 32}))
+    assert _sample_value(exporter, "distlm_data_rows_skipped_total") == 32  # rows, not events: its own series
+    assert exporter.registry.get_sample_value(
+        "distlm_data_errors_total", _constant_labels(exporter) | {"kind": "rows_skipped"}) is None
 
     exporter.restarts(2)
     exporter.restarts(2)
@@ -295,8 +318,7 @@ def test_a_resumed_process_counts_only_its_own_work():
     exporter.resumed(tokens=10_000_000, data_errors={"decode": 4}, checkpoint_errors=1)
     assert _sample_value(exporter, "distlm_tokens_trained") == 10_000_000
     exporter.step(_row(101, tokens=10_004_096, data_errors={"decode": 5}, checkpoint_errors=1))
-    # rate() over the restart sees 4096 new tokens, not ten million in one scrape interval.
-    assert _sample_value(exporter, "distlm_tokens_total") == 4096
+    # rate() over the restart sees one new error, not all of the run's in one scrape interval.
     assert _sample_value(exporter, "distlm_tokens_trained") == 10_004_096
     assert _sample_value(exporter, "distlm_data_errors_total", kind="decode") == 1
     assert _sample_value(exporter, "distlm_checkpoint_save_failures_total") == 0

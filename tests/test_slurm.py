@@ -5,7 +5,8 @@
   the time limit) reaches every rank through the batch shell and srun; the ranks save and exit
   75, the script requeues the job, and the requeued run resumes and finishes the same curve.
 - A code whose requeue column is "no" ends the job with that code, without a requeue.
-- The Prometheus target file (distlm.metrics.targets), and the script's requeue codes against
+- The run's Prometheus target file, written by rank 0 once the ranks serve, gone while the
+  preempted job waits in the queue and when it ends; the script's requeue codes against
   exit_codes.TABLE, without a cluster.
 
 Skipped with the reason when SLURM or munge cannot be installed or started here (not root, no
@@ -18,17 +19,13 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from distlm.config import load_config
 from distlm.fault import exit_codes
-from distlm.metrics import targets as targets_module
 from helpers import ROOT, curve, read_metrics
 from launchers import CONFIG, STEPS, WORLD, job_overrides, launcher_env
 from slurm_cluster import ClusterUnavailable, SlurmCluster
@@ -122,9 +119,8 @@ def test_sbatch_trains_the_reference_model(cluster, launch_shards, launch_refere
     # Two ranks formed one group through srun alone (no torchrun): the same model, bit for bit.
     assert curve(run_dir) == launch_reference, out[-4000:]
     assert f"{WORLD} ranks), meeting at localhost:" in out, out[-4000:]
-    # metrics.enabled is false in the shared job: the target module says so and writes nothing.
-    assert "metrics.enabled is false: no target file written" in out, out[-4000:]
-    assert not (tmp_path / "monitoring" / "targets" / f"slurm-{job}.json").exists()
+    # metrics.enabled is false in the shared job: no target file.
+    assert "listed for Prometheus" not in out and not (ROOT / "monitoring" / "targets" / "run.json").exists()
 
 
 @pytest.mark.distributed
@@ -137,7 +133,7 @@ def test_preempted_job_saves_requeues_and_resumes_the_same_curve(cluster, launch
     slow = f"rank=0,step=1,phase=step,signal=DELAY,repeat={STEPS}"
     job = _submit(cluster, tmp_path, run_dir, launch_shards, "metrics.enabled=true", f"metrics.port={port}",
                   env={"DISTLM_FAULT": slow, "DISTLM_TARGETS_DIR": str(targets_dir)})
-    target_file = targets_dir / f"slurm-{job}.json"
+    target_file = targets_dir / "run.json"  # the run label: run.dir's name
 
     deadline = time.monotonic() + 2 * JOB_TIMEOUT_S  # two starts
     while _steps_logged(run_dir) < 2:
@@ -145,10 +141,12 @@ def test_preempted_job_saves_requeues_and_resumes_the_same_curve(cluster, launch
             f"job {job} never reached step 2:\n{cluster.show_job(job)}\n{_output(tmp_path, job)[-4000:]}"
         time.sleep(0.1)
     # The target file names live endpoints: every rank serves there, with the same run label.
+    # The default metrics.bind=127.0.0.1: the endpoints answer on loopback only.
     groups = json.loads(target_file.read_text())
-    # One host and the default metrics.bind=127.0.0.1: the endpoints answer on loopback only.
-    assert groups == [{"targets": [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"],
-                       "labels": {"job": "distlm", "run": "run", "slurm_job_id": job}}], groups
+    node = socket.gethostname()
+    assert groups == [{"targets": [f"127.0.0.1:{port + rank}"],
+                       "labels": {"job": "distlm", "run": "run", "rank": str(rank), "node": node, "slurm_job_id": job}}
+                      for rank in range(WORLD)], groups
     for target in groups[0]["targets"]:
         with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as response:
             assert 'run="run"' in response.read().decode(), target
@@ -192,7 +190,8 @@ def test_preempted_job_saves_requeues_and_resumes_the_same_curve(cluster, launch
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, STEPS + 1))
 
     assert file_while_pending is not None, "the requeued job was never seen PENDING (its ~6 s requeue delay)"
-    assert file_while_pending, "the target file was gone while the requeued job waited to run again"
+    # Preempted ranks exit cleanly: nothing to scrape while the job waits, so nothing reads as missing.
+    assert not file_while_pending, "the target file stayed while the requeued job waited to run again"
     assert not target_file.exists(), "the job ended for good but its target file is still there"
 
 
@@ -223,64 +222,3 @@ def test_script_requeues_exactly_the_codes_the_table_marks_yes():
                                          f"distlm/fault/exit_codes.py TABLE marks requeue=yes {table_codes}")
     # ... and the decision reads that list, on srun's exit code.
     assert 'case " $REQUEUE_CODES " in' in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
-
-
-def _targets(tmp_path, *args: str, hosts: str = "node1\nnode2", tasks: str = "2(x2)", job: str = "4242"):
-    out = tmp_path / "targets" / f"slurm-{job}.json"
-    code = targets_module.main(["--out", str(out), "--job-id", job, "--hosts", hosts, "--tasks-per-node", tasks,
-                                CONFIG, *args])
-    return code, out
-
-
-def test_target_file_names_every_rank_with_the_run_label(tmp_path):
-    out = tmp_path / "monitoring" / "slurm-77.json"
-    # As the script runs it: its own process, the config and the training overrides.
-    result = subprocess.run(
-        [sys.executable, "-m", "distlm.metrics.targets", "--out", str(out), "--job-id", "77",
-         "--hosts", "node1\nnode2", "--tasks-per-node", "2(x2)", CONFIG, "run.dir=/data/runs/exp-7",
-         "metrics.enabled=true", "metrics.port=9500"], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(out.read_text()) == [{
-        "targets": ["node1:9500", "node1:9501", "node2:9500", "node2:9501"],
-        "labels": {"job": "distlm", "run": "exp-7", "slurm_job_id": "77"}}]
-    assert [p.name for p in out.parent.iterdir()] == [out.name]  # written by rename: no .tmp left
-    assert str(out) in result.stdout and "4 endpoints" in result.stdout
-
-
-def test_target_file_uses_run_name_and_uneven_task_counts(tmp_path):
-    code, out = _targets(tmp_path, "metrics.enabled=true", "run.name=pretrain-a", hosts="a b c", tasks="2(x2),1")
-    assert code == 0
-    (group,) = json.loads(out.read_text())
-    assert group["targets"] == ["a:9470", "a:9471", "b:9470", "b:9471", "c:9470"]  # metrics.port's default
-    assert group["labels"] == {"job": "distlm", "run": "pretrain-a", "slurm_job_id": "4242"}
-    cfg = load_config(CONFIG, ["run.name=pretrain-a"])
-    assert targets_module.run_label(cfg) == "pretrain-a"
-
-
-def test_target_file_of_one_host_names_the_address_the_ranks_bind(tmp_path, capsys):
-    code, out = _targets(tmp_path, "metrics.enabled=true", hosts="node1", tasks="2")
-    assert code == 0
-    assert json.loads(out.read_text())[0]["targets"] == ["127.0.0.1:9470", "127.0.0.1:9471"]
-    code, out = _targets(tmp_path, "metrics.enabled=true", "metrics.bind=0.0.0.0", hosts="node1", tasks="2")
-    assert json.loads(out.read_text())[0]["targets"] == ["node1:9470", "node1:9471"]
-    assert "WARNING" not in capsys.readouterr().err
-    # Several hosts on loopback: nobody can scrape them all, and the user is told how to fix it.
-    _targets(tmp_path, "metrics.enabled=true")
-    assert "metrics.bind=0.0.0.0" in capsys.readouterr().err
-
-
-def test_target_file_is_not_written_when_metrics_are_off(tmp_path, capsys):
-    code, out = _targets(tmp_path, "metrics.enabled=false")
-    assert code == 0 and not out.exists() and not out.parent.exists()
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and "metrics.enabled is false" in lines[0] and str(out) in lines[0], lines
-
-
-def test_target_file_refuses_what_does_not_add_up(tmp_path, capsys):
-    code, out = _targets(tmp_path, "metrics.enabled=true", tasks="2(x3)")
-    assert code == 2 and not out.exists()
-    assert "'2(x3)' names 3 nodes but the job has 2 hosts" in capsys.readouterr().err
-    code, out = _targets(tmp_path, "metrics.enabled=true", "metrics.port=65535")
-    assert code == 2 and "passes 65535" in capsys.readouterr().err
-    code, out = _targets(tmp_path, "metrics.enabled=maybe")
-    assert code == 2 and "metrics.enabled" in capsys.readouterr().err

@@ -97,6 +97,9 @@ class Saver:
         # distlm's layout-free files (consolidate, export) do that job.
         engine._copy_recovery_script = lambda *args, **kwargs: None
         self._flight: Optional[_InFlight] = None
+        # Called on every rank with (step, seconds from the start of the save to its commit) once
+        # a save is committed: failed and still-writing saves never count as checkpoints.
+        self.on_committed: Optional[Callable[[int, float], None]] = None
 
     def resumed(self, state) -> None:
         """The run continues from ``state``'s checkpoint: keep it, and keep counting failures."""
@@ -177,6 +180,8 @@ class Saver:
         if commit_error is not None:
             self._failed(flight, [(0, commit_error)])
             return
+        if self.on_committed is not None:
+            self.on_committed(flight.step, time.perf_counter() - flight.started)
         if flight.thread is None:
             barrier()  # a synchronous save returns once the step is committed, on every rank
 

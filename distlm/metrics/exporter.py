@@ -10,11 +10,12 @@ so no step number is ever a label.
 
 What is recorded when:
 - at every phase change of the loop (``phase``): the heartbeat, the data-loader wait and
-  whether this rank is waiting for a batch right now, and one step-duration observation per
-  optimizer step; a handful of clock reads and lock operations, so it costs microseconds;
-- at every logged step (``step``): loss, lr, grad norm, MFU, tokens, data errors, memory,
-  forward-pass seconds and failed checkpoint saves;
-- at evaluations and checkpoint saves: the val loss, the save duration and time.
+  whether this rank is waiting for a batch right now, one step-duration observation and the
+  step's tokens; a handful of clock reads and lock operations, so it costs microseconds (the
+  supervisor adds the step's forward-pass seconds);
+- at every logged step (``step``): loss, lr, grad norm, MFU, tokens trained, data errors,
+  memory and failed checkpoint saves;
+- at evaluations and committed checkpoints: the val loss, the save duration and time.
 The names and what each is for are listed in monitoring/README.md.
 """
 
@@ -83,6 +84,7 @@ class Exporter:
         self._phase: str | None = None
         self._phase_started = 0.0
         self._step_started: float | None = None
+        self._tokens_per_step = 0
         self._define_series()
         self._publish_build_info()
         self._start_timestamp.set(time.time())
@@ -92,6 +94,14 @@ class Exporter:
         self._world_size.set(world_size)
         self._checkpoint_every_steps.set(checkpoint_every_steps)
 
+    def describe_rank(self, tokens_per_step: int, stage: int, dp_rank: int, tp_rank: int) -> None:
+        """Tokens each step adds to distlm_tokens_total, and where this rank sits in the layout
+        (pipeline stages do different work: the straggler rule compares ranks of one stage)."""
+        self._tokens_per_step = tokens_per_step
+        Gauge("distlm_layout_info", "This rank's place in the layout: pipeline stage, replica, tensor slice.",
+              CONSTANT_LABELS + ("stage", "dp_rank", "tp_rank"), registry=self.registry).labels(
+            **self._constant, stage=str(stage), dp_rank=str(dp_rank), tp_rank=str(tp_rank)).set(1)
+
     # ------------------------------------------------------------------ recording
 
     def step(self, row: dict) -> None:
@@ -100,20 +110,17 @@ class Exporter:
         self._set_if_present(self._learning_rate, row.get("lr"))
         self._set_if_present(self._grad_norm, row.get("grad_norm"))
         self._set_if_present(self._mfu_ratio, row.get("mfu"))
-        if row.get("tokens") is not None:
-            self._tokens_trained.set(row["tokens"])
-            self._advance_counter(self._tokens, "tokens", row["tokens"])
+        self._set_if_present(self._tokens_trained, row.get("tokens"))
         if row.get("checkpoint_errors") is not None:
             self._advance_counter(self._checkpoint_save_failures, "checkpoint_errors", row["checkpoint_errors"])
         for kind, count in (row.get("data_errors") or {}).items():
-            self._advance_counter(self._data_errors.labels(kind=str(kind)), f"data_errors/{kind}", count)
+            self._advance_counter(self._data_counter(kind), f"data_errors/{kind}", count)
         self.heartbeat(row["step"])
 
     def resumed(self, tokens: float, data_errors: dict | None, checkpoint_errors: int) -> None:
-        """The totals a resumed run starts from. The counters count this process's work from
-        here on: a restart must not read as the whole run's tokens trained in one scrape."""
+        """The totals a resumed run starts from. The counters count this process's events from
+        here on: a restart must not read as all of the run's data errors in one scrape."""
         self._tokens_trained.set(tokens)
-        self._last_totals["tokens"] = tokens
         self._last_totals["checkpoint_errors"] = checkpoint_errors
         for kind, count in (data_errors or {}).items():
             self._last_totals[f"data_errors/{kind}"] = count
@@ -132,6 +139,7 @@ class Exporter:
             self._dataloader_waiting_since.set(0)
         elif self._phase == "step" and self._step_started is not None:
             self._step_duration.observe(now - self._step_started)
+            self._tokens.inc(self._tokens_per_step)  # every step, so rate() has no sawtooth
             self._step_started = None
         if phase == "data":
             self._dataloader_waiting_since.set(time.time())
@@ -230,7 +238,9 @@ class Exporter:
         self._checkpoint_save_failures = self._counter(
             "distlm_checkpoint_save_failures_total", "Checkpoint saves that failed (checkpoint.on_error=continue).")
         self._data_errors = self._counter(
-            "distlm_data_errors_total", "Bad data met by the loader, by kind.", ("kind",))
+            "distlm_data_errors_total", "Damaged data the run's loaders met, by kind (events).", ("kind",))
+        self._rows_skipped = self._counter(
+            "distlm_data_rows_skipped_total", "Training rows left out because their data was damaged (data.on_error=skip).")
         self._skipped_steps = self._counter(
             "distlm_skipped_steps_total", "Optimizer steps skipped, by reason.", ("reason",))
         # Present at zero from the start, so increase() sees the first one and panels show a 0.
@@ -249,6 +259,10 @@ class Exporter:
                            CONSTANT_LABELS + ("version", "git_sha"), registry=self.registry)
         build_info.labels(**self._constant, version=distlm.__version__, git_sha=_git_sha()).set(1)
 
+    def _data_counter(self, kind: str):
+        # The loader's totals hold the damaged-data events by kind, and the rows they cost.
+        return self._rows_skipped if kind == "rows_skipped" else self._data_errors.labels(kind=str(kind))
+
     def _gauge(self, name: str, documentation: str):
         return Gauge(name, documentation, CONSTANT_LABELS, registry=self.registry).labels(**self._constant)
 
@@ -265,13 +279,9 @@ class Exporter:
         A Prometheus counter must never decrease within one process (a drop reads as a process
         restart and rate() would count the whole value again), so a lower total only moves the
         baseline: the counter stays where it is, and later totals add what they add above the new
-        baseline. That happens when a run rolls back in-process (reload of an older checkpoint)
-        or a resumed run reports a smaller total. Counting the re-done work again is deliberate:
-        rate(distlm_tokens_total) is the tokens/s the hardware actually processes, and holding a
-        high-water mark instead would show zero throughput (and fire the throughput alert) while
-        the rolled-back steps are repeated. The counter therefore equals row['tokens'] minus the
-        total the process resumed from (see ``resumed``) until the first rollback, and exceeds
-        that afterwards by the work that was repeated.
+        baseline. That happens when a run rolls back in-process (reload of an older checkpoint).
+        Counting the re-done work again is deliberate, as for distlm_tokens_total (counted per
+        step): a high-water mark would show nothing happening while the work is repeated.
         """
         if not _is_finite_number(running_total):
             return

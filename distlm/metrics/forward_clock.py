@@ -18,7 +18,8 @@ from collections import deque
 
 import torch
 
-# Unread CUDA event pairs kept at most (a reader that stops calling must not grow memory).
+# Unfinished CUDA event pairs kept at most: only a GPU that many forward passes behind the host
+# would drop the oldest (the host blocks long before that on any real model).
 MAX_PENDING = 4096
 
 
@@ -33,11 +34,15 @@ class ForwardClock:
 
     def take_seconds(self) -> float:
         """Forward seconds measured since the last call (on a GPU: of the passes already finished)."""
+        self._collect_finished()
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+    def _collect_finished(self) -> None:
+        # query() asks whether the GPU got there; it never waits for it.
         while self._pending and self._pending[0][1].query():
             began, ended = self._pending.popleft()
             self._seconds += began.elapsed_time(ended) / 1000.0
-        seconds, self._seconds = self._seconds, 0.0
-        return seconds
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -51,6 +56,7 @@ class ForwardClock:
         if self._began is None:
             return
         if self._cuda:
+            self._collect_finished()  # keeps the queue short however rarely take_seconds() is called
             self._pending.append((self._began, self._cuda_event()))
         else:
             self._seconds += time.perf_counter() - self._began

@@ -1,45 +1,50 @@
-"""The Prometheus ``file_sd`` target file of a job: every rank's metrics endpoint, found without a restart.
+"""The Prometheus ``file_sd`` target file of a run: every rank's metrics endpoint, found without a restart.
 
-A scheduler places a job on nodes nobody knows in advance; Prometheus watches a folder of
-target files (``file_sd_configs``) and starts scraping a job as soon as its file appears.
-``launch/slurm/train.sbatch`` writes one per job before the ranks start and removes it when
-the job ends for good (``launch/local.sh`` and ``launch/multinode.sh`` write one per node,
-through ``launch/targets.sh``)::
+A scheduler places a job on nodes nobody knows in advance, and only the ranks know whether
+their ports could be bound. So the run writes the file itself: once every rank has started its
+exporter, rank 0 gathers their scrape addresses and writes ``TARGETS_DIR/<run>.json``
+(atomically; Prometheus re-reads it by itself), one group per serving rank::
 
-    python -m distlm.metrics.targets --out FILE --job-id ID --hosts "node1 node2" \\
-        --tasks-per-node "2(x2)" CONFIG.yaml [key.sub=value ...]
+    [{"targets": ["node1:9470"], "labels": {"job": "distlm", "run": "pretrain", "rank": "0",
+                                            "node": "node1", "slurm_job_id": "1234"}}, ...]
 
-It reads the config the job trains with (the same file and overrides, through distlm's own
-loader), so the ports and the run label cannot disagree with what the ranks serve: rank r of a
-node serves on ``metrics.port + r`` (see :mod:`distlm.metrics.exporter`). The file is a JSON
-list with one group::
+and removes it when the run's processes end, so a finished or preempted run (waiting in the
+queue) is not read as ranks missing. A run killed outright (SIGKILL, a lost node) leaves its
+file: its targets go down and DistlmRankMissing fires, which is the point; the run's next start
+overwrites the file, and ``launch/slurm/train.sbatch`` removes it when the job ends for good::
 
-    [{"targets": ["node1:9470", "node1:9471", "node2:9470", ...],
-      "labels": {"job": "distlm", "run": "<run.name or run.dir's name>", "slurm_job_id": "1234"}}]
+    python -m distlm.metrics.targets --remove CONFIG.yaml [key.sub=value ...]
 
-The ``run`` label is here so that ``up{run=...}`` (which carries only target labels) says which
-run a dead endpoint belonged to; the series carry ``run`` themselves too, so scrape them with
-``honor_labels: true`` (else Prometheus renames theirs to ``exported_run``).
+TARGETS_DIR is ``metrics.targets_dir`` (``monitoring/targets``, relative to the working
+directory, beside the shipped ``monitoring/prometheus/prometheus.yml``), or ``DISTLM_TARGETS_DIR``
+when set; an empty value writes nothing. The series carry ``run``, ``rank`` and ``node``
+themselves too, so the scrape config needs ``honor_labels: true``.
 
-With ``metrics.enabled: false`` nothing is written (and an old file of the same name is left
-alone: it is the launcher's to remove). Endpoints bind ``metrics.bind``, 127.0.0.1 by default:
-a scraper on another machine needs ``metrics.bind=0.0.0.0``.
+The address Prometheus must use depends on ``metrics.bind``: an endpoint bound to loopback (the
+default) answers only on 127.0.0.1, so that is its target, and only a Prometheus on the same host
+can scrape it (a run over several hosts is warned about); a wildcard bind is reached by the host
+name; any other address is its own target.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
+import re
+import socket
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
 from distlm.config import Config, ConfigError, load_config
 from distlm.fsutil import atomic_write_text
-from distlm.parallel.launch_env import is_loopback, slurm_task_counts
+from distlm.parallel.launch_env import is_loopback
 
 JOB_LABEL = "distlm"
+TARGETS_DIR_ENV = "DISTLM_TARGETS_DIR"
+WILDCARDS = ("", "0.0.0.0", "::")
 
 
 def run_label(cfg: Config) -> str:
@@ -47,35 +52,33 @@ def run_label(cfg: Config) -> str:
     return cfg.run.name or Path(cfg.run.dir).name
 
 
-def tasks_per_node(spec: str, n_hosts: int) -> list[int]:
-    """SLURM's task counts per node, "2(x3),1" -> [2, 2, 2, 1], checked against the host count."""
-    counts = slurm_task_counts(spec)
-    if len(counts) == 1 and n_hosts > 1:  # a plain "2": the same on every node (--ntasks-per-node)
-        counts *= n_hosts
-    if len(counts) != n_hosts:
-        raise ValueError(f"tasks per node {spec!r} names {len(counts)} nodes but the job has {n_hosts} hosts")
-    return counts
-
-
-def target_groups(cfg: Config, hosts: list[str], counts: list[int], job_id: str,
-                  id_label: str = "slurm_job_id") -> Optional[list[dict]]:
-    """The file_sd content: one endpoint per rank, ``host:metrics.port + local_rank``; None when metrics are off."""
-    if not cfg.metrics.enabled:
+def targets_file(cfg: Config, environ: Mapping[str, str] = os.environ) -> Optional[Path]:
+    """Where this run's target file goes; None when metrics are off or the folder is set to ''."""
+    folder = environ.get(TARGETS_DIR_ENV, cfg.metrics.targets_dir)
+    if not cfg.metrics.enabled or not folder:
         return None
-    if len(hosts) != len(counts):
-        raise ValueError(f"{len(hosts)} hosts but {len(counts)} task counts")
-    hosts = [endpoint_host(cfg.metrics.bind, hosts)] if len(hosts) == 1 else hosts
-    targets = [f"{host}:{cfg.metrics.port + local}" for host, n in zip(hosts, counts) for local in range(n)]
-    too_high = [t for t in targets if int(t.rsplit(":", 1)[1]) > 65535]
-    if too_high:
-        raise ValueError(f"metrics.port={cfg.metrics.port} plus the local rank passes 65535 ({too_high[0]})")
-    return [{"targets": targets, "labels": {"job": JOB_LABEL, "run": run_label(cfg), id_label: str(job_id)}}]
+    # The run label may hold anything a run folder's name can; the file name must stay one name.
+    return Path(folder) / (re.sub(r"[^A-Za-z0-9._-]", "_", run_label(cfg)) + ".json")
 
 
-def endpoint_host(bind: str, hosts: list[str]) -> str:
-    """How a scraper reaches a one-host job: an endpoint bound to loopback (the default) answers
-    only on that address, not on the host's name; a multi-host job needs metrics.bind set anyway."""
-    return bind if is_loopback(bind) else hosts[0]
+def scrape_address(bind: str, port: int, hostname: str) -> str:
+    """``host:port`` as a scraper reaches an endpoint bound to ``bind`` on ``hostname``."""
+    host = hostname if bind in WILDCARDS else bind
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    except ValueError:
+        pass  # a name, not an address literal
+    return f"{host}:{port}"
+
+
+def target_groups(endpoints: list[Optional[tuple[str, str]]], run: str,
+                  environ: Mapping[str, str] = os.environ) -> list[dict]:
+    """The file_sd content: ``endpoints[rank]`` is (address, node), or None for a rank not serving."""
+    extra = {"slurm_job_id": environ["SLURM_JOB_ID"]} if environ.get("SLURM_JOB_ID") else {}
+    return [{"targets": [address], "labels": {"job": JOB_LABEL, "run": run, "rank": str(rank), "node": node, **extra}}
+            for rank, endpoint in enumerate(endpoints) if endpoint is not None
+            for address, node in [endpoint]]
 
 
 def write_targets(path: str | os.PathLike, groups: list[dict]) -> None:
@@ -85,18 +88,45 @@ def write_targets(path: str | os.PathLike, groups: list[dict]) -> None:
     atomic_write_text(path, json.dumps(groups, indent=1) + "\n")
 
 
+def publish(cfg: Config, address: Optional[tuple[str, int]], rank: int, world_size: int, group,
+            log: Callable[[str], None]) -> Optional[Path]:
+    """Every rank: share this rank's endpoint (``address``: (bind host, port), None when not
+    serving); rank 0 writes the run's target file and returns its path. A collective on ``group``
+    when the run has several ranks. A file that cannot be written only warns: monitoring is not
+    worth a run."""
+    node = socket.gethostname()
+    mine = None if address is None else (scrape_address(cfg.metrics.bind, address[1], node), node)
+    endpoints = [mine]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        endpoints = [None] * world_size
+        dist.all_gather_object(endpoints, mine, group=group)
+    path = targets_file(cfg)
+    if rank != 0 or path is None:
+        return None
+    nodes = {endpoint[1] for endpoint in endpoints if endpoint is not None}
+    if len(nodes) > 1 and is_loopback(cfg.metrics.bind):
+        log(f"metrics: WARNING: metrics.bind={cfg.metrics.bind} serves each rank on its own host only; a "
+            f"Prometheus elsewhere cannot reach the {len(nodes)} hosts of this run: set metrics.bind=0.0.0.0 "
+            f"(or the nodes' address)")
+    try:
+        write_targets(path, target_groups(endpoints, run_label(cfg)))
+    except OSError as e:
+        log(f"metrics: WARNING: cannot write the Prometheus target file {path} ({e}); the ranks serve "
+            f"anyway but Prometheus will not find them. Set metrics.targets_dir (or {TARGETS_DIR_ENV}) "
+            f"to a writable folder that Prometheus reads")
+        return None
+    serving = sum(endpoint is not None for endpoint in endpoints)
+    log(f"metrics: {serving} of {world_size} ranks listed for Prometheus in {path}")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m distlm.metrics.targets",
-                                description="Write a job's Prometheus file_sd target file (one endpoint per rank).")
-    p.add_argument("--out", required=True, help="the target file to write (atomically)")
-    p.add_argument("--job-id", default=os.environ.get("SLURM_JOB_ID"), help="default: $SLURM_JOB_ID")
-    p.add_argument("--id-label", default="slurm_job_id",
-                   help="the target label that carries --job-id (default slurm_job_id; launch/local.sh uses launch_id)")
-    p.add_argument("--quiet", action="store_true", help="say nothing when metrics are disabled")
-    p.add_argument("--hosts", required=True, help="the job's hosts, separated by spaces or newlines, "
-                                                  "as `scontrol show hostnames` prints them")
-    p.add_argument("--tasks-per-node", default=os.environ.get("SLURM_TASKS_PER_NODE"),
-                   help="ranks per host, SLURM's form (2, 2(x3),1); default: $SLURM_TASKS_PER_NODE")
+                                description="Remove a run's Prometheus target file (what a run killed "
+                                            "outright leaves behind).")
+    p.add_argument("--remove", action="store_true", required=True, help="remove the run's target file")
     p.add_argument("config", metavar="CONFIG", help="the training config (YAML)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="the training job's overrides")
     return p
@@ -109,33 +139,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"distlm.metrics.targets: config error: {e}", file=sys.stderr)
         return 2
-    if not cfg.metrics.enabled:
-        if not args.quiet:
-            print(f"distlm.metrics.targets: metrics.enabled is false: no target file written ({args.out})")
-        return 0
-    missing = [name for name, value in (("--job-id", args.job_id), ("--tasks-per-node", args.tasks_per_node))
-               if not value]
-    hosts = args.hosts.split()
-    if not hosts:
-        missing.append("--hosts")
-    if missing:
-        print(f"distlm.metrics.targets: {', '.join(missing)} not given (and not in the SLURM environment)",
-              file=sys.stderr)
-        return 2
-    try:
-        groups = target_groups(cfg, hosts, tasks_per_node(args.tasks_per_node, len(hosts)), args.job_id,
-                               args.id_label)
-    except ValueError as e:
-        print(f"distlm.metrics.targets: {e}", file=sys.stderr)
-        return 2
-    write_targets(args.out, groups)
-    if len(hosts) > 1 and is_loopback(cfg.metrics.bind):
-        print(f"distlm.metrics.targets: WARNING: metrics.bind={cfg.metrics.bind} serves each rank on its own "
-              f"host only; a Prometheus elsewhere cannot reach them: set metrics.bind=0.0.0.0 (or the "
-              f"nodes' address) to scrape this {len(hosts)}-host job", file=sys.stderr)
-    n = len(groups[0]["targets"])
-    print(f"distlm.metrics.targets: {args.out}: {n} endpoints ({groups[0]['targets'][0]} ...), "
-          f"run={groups[0]['labels']['run']}")
+    path = targets_file(cfg)
+    if path is not None and path.exists():
+        path.unlink()
+        print(f"distlm.metrics.targets: removed {path}")
     return 0
 
 

@@ -153,7 +153,7 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
     # them counts them for the digest and the damaged-row totals.
     counts_data = groups.coords.tp_rank == 0 and groups.coords.stage == 0
     saver = make_saver(engine, model, cfg, groups, ctx, ckpt_dir, rng, log.info)
-    supervisor.watch(model)  # forward-pass time per rank, for the metrics
+    saver.on_committed = supervisor.saved  # the metrics' checkpoint age counts committed saves only
 
     state = TrainState()
     if resume_from is not None:
@@ -173,6 +173,7 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
                  "to get one; with data.sources every source needs one)")
 
     tokens_per_step = batch.global_batch * cfg.train.seq_len
+    supervisor.watch(model, tokens_per_step, groups.coords)  # the metrics' per-step view of this rank
     flops = flops_per_token(cfg.model, cfg.train.seq_len, matmul_params(cfg.model, n_params))
     peak = cfg.train.peak_flops or device_peak_flops(ctx.device, cfg.train.precision)
     log.info(f"model {n_params / 1e6:.2f}M non-embedding parameters, {flops / 1e6:.1f} MFLOP/token | "
@@ -266,9 +267,8 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
         if saving_now:  # before evaluating: a failing evaluation must not cost the checkpoint
             supervisor.progress(state.step, "save")
             state.elapsed_s = time.perf_counter() - started
-            save_start, errors = time.perf_counter(), saver.errors
+            errors = saver.errors
             saver.save(state, to_dict(cfg))
-            supervisor.saved(time.perf_counter() - save_start)
             if saver.errors == errors:  # checkpoint.on_error=continue counts a failed save instead
                 saved_step = state.step
             digest.restart()  # a run resumed from here starts its first interval here too

@@ -25,6 +25,8 @@ from distlm.fault.preemption import Preemption
 from distlm.fault.watchdog import HangReport, Watchdog
 from distlm.metrics.exporter import start_exporter
 from distlm.metrics.forward_clock import ForwardClock
+from distlm.metrics.targets import publish as publish_targets
+from distlm.metrics.targets import run_label
 from distlm.parallel.distributed import DistContext
 from distlm.train.resources import memory_now_and_peak
 
@@ -43,21 +45,28 @@ class Supervisor:
         # longer than a step; until then fault.collective_timeout_s is what bounds a hang.
         self.watchdog = Watchdog(run_dir, ctx.rank, ctx.world_size, cfg.fault.hang_timeout_s,
                                  on_hang=self._on_hang)
-        self.exporter = start_exporter(cfg.metrics, ctx.rank, ctx.local_rank, cfg.run.name or run_dir.name,
-                                       warn=_say_on_every_rank)
-        if self.exporter is not None:
-            self.exporter.describe_run(ctx.world_size, cfg.train.save_every)
-            if self.exporter.address is not None:
-                host, port = self.exporter.address
-                log(f"metrics: rank 0 serves Prometheus on http://{host}:{port}/metrics "
-                    f"(rank r on metrics.port + its local rank)")
-        self.forward_clock: Optional[ForwardClock] = None
         self.guard = StepGuard(cfg.fault.spike_factor, cfg.fault.spike_window)
         # The per-step agreement goes over gloo on the host: on GPUs an NCCL all-reduce read
         # back every step would stall the CPU until the GPU finished the step.
         self.control_group, self.control_device = None, ctx.device
         if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
             self.control_group, self.control_device = torch.distributed.new_group(backend="gloo"), torch.device("cpu")
+        self.forward_clock: Optional[ForwardClock] = None
+        self.targets: Optional[Path] = None
+        self.exporter = start_exporter(cfg.metrics, ctx.rank, ctx.local_rank, run_label(cfg), warn=_say_on_every_rank)
+        if self.exporter is not None:
+            self._describe_for_metrics()
+
+    def _describe_for_metrics(self) -> None:
+        """What the alerts compare against, and the target file Prometheus finds the ranks by."""
+        exporter, ctx = self.exporter, self.ctx
+        exporter.describe_run(ctx.world_size, self.cfg.train.save_every)
+        exporter.restarts(restart_count_from_env())  # the launcher's count, the same on every rank
+        if exporter.address is not None:
+            host, port = exporter.address
+            self.log(f"metrics: rank 0 serves Prometheus on http://{host}:{port}/metrics "
+                     f"(rank r on metrics.port + its local rank)")
+        self.targets = publish_targets(self.cfg, exporter.address, ctx.rank, ctx.world_size, self.control_group, self.log)
 
     # ---------------------------------------------------------------- start
 
@@ -75,16 +84,17 @@ class Supervisor:
         if _any_rank(refusal is not None, self.control_device, self.control_group):
             raise CrashLoopError(refusal or "rank 0 found a crash loop in RUN_DIR/starts.jsonl (its log says more)")
 
-    def watch(self, model: torch.nn.Module) -> None:
-        """Time the model's forward passes for the metrics (the straggler signal)."""
+    def watch(self, model: torch.nn.Module, tokens_per_step: int, coords) -> None:
+        """Give the metrics the run's shape: tokens per step, this rank's place in the layout, and
+        its forward passes to time (the straggler signal)."""
         if self.exporter is not None:
+            self.exporter.describe_rank(tokens_per_step, coords.stage, coords.dp_rank, coords.tp_rank)
             self.forward_clock = ForwardClock(model, self.ctx.device)
 
     def resumed(self, state) -> None:
         """Carry on from a TrainState: the bad-step history, and the totals the metrics continue."""
         self.guard.state.update(state.bad_steps or {})
         if self.exporter is not None:
-            self.exporter.restarts(restart_count_from_env())  # the launcher's count, the same on every rank
             self.exporter.resumed(state.tokens_seen, state.data.get("errors"), state.checkpoint_errors)
 
     # ---------------------------------------------------------------- each step
@@ -95,6 +105,8 @@ class Supervisor:
         self.watchdog.start()  # a no-op once running
         if self.exporter is not None:
             self.exporter.phase(step, phase)
+            if phase == "agree" and self.forward_clock is not None:  # once per step, no GPU wait
+                self.exporter.forward_seconds(self.forward_clock.take_seconds())
 
     def preempt_budget_left(self) -> float:
         """Seconds left of fault.preempt_save_timeout_s (0: no budget), counted from this rank's signal."""
@@ -131,14 +143,13 @@ class Supervisor:
         if self.exporter is not None:
             self.exporter.step(row)
             self.exporter.memory(*memory_now_and_peak(self.ctx.device))
-            if self.forward_clock is not None:
-                self.exporter.forward_seconds(self.forward_clock.take_seconds())
 
     def evaluated(self, val_loss: float) -> None:
         if self.exporter is not None:
             self.exporter.evaluated(val_loss)
 
-    def saved(self, seconds: float) -> None:
+    def saved(self, step: int, seconds: float) -> None:
+        """A checkpoint was committed, ``seconds`` after its save began."""
         if self.exporter is not None:
             self.exporter.checkpoint_saved(seconds)
 
@@ -156,6 +167,8 @@ class Supervisor:
         self.preemption.uninstall()
         if self.forward_clock is not None:
             self.forward_clock.close()
+        if self.targets is not None:  # the run's processes end: Prometheus stops looking for them
+            self.targets.unlink(missing_ok=True)
         if self.exporter is not None:
             self.exporter.close()
 
