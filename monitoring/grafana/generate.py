@@ -94,14 +94,16 @@ def layout(rows: list[list[dict]]) -> list[dict]:
 
 # --------------------------------------------------------------------------- dashboards
 
-def variable(name: str, label: str, query: str, multi: bool = False, numeric: bool = False) -> dict:
-    """A label_values(...) variable; multi-select ones offer All, sent to Prometheus as .*"""
+def variable(name: str, label: str, query: str, multi: bool = False, numeric: bool = False,
+             all_value: str | None = ".*") -> dict:
+    """A label_values(...) variable; multi-select ones offer All, sent to Prometheus as ``all_value``
+    (None: as the list of the values found, so it matches only those)."""
     return {
         "current": {"selected": True, "text": ["All"], "value": ["$__all"]} if multi else {},
         "datasource": DATASOURCE, "definition": query, "hide": 0, "includeAll": multi,
         "label": label, "multi": multi, "name": name, "options": [], "query": query,
         "refresh": 2, "regex": "", "skipUrlSync": False, "sort": 3 if numeric else 1, "type": "query",
-        **({"allValue": ".*"} if multi else {}),
+        **({"allValue": all_value} if multi and all_value is not None else {}),
     }
 
 
@@ -113,7 +115,9 @@ def templating() -> dict:
         variable("job", "Job", "label_values(distlm_build_info, job)"),
         variable("run", "Run", 'label_values(distlm_build_info{job=~"$job"}, run)'),
         variable("rank", "Rank", f"label_values(distlm_build_info{RUN}, rank)", multi=True, numeric=True),
-        variable("node", "Node", f"label_values(distlm_build_info{RUN}, node)", multi=True),
+        # All = this run's nodes, not ".*": the GPU panels would otherwise show every GPU that
+        # Prometheus scrapes in the cluster.
+        variable("node", "Node", f"label_values(distlm_build_info{RUN}, node)", multi=True, all_value=None),
     ]}
 
 
@@ -201,7 +205,8 @@ def training() -> dict:
         timeseries("Data errors", "short",
                    "Damaged data the loader met per window, by kind (totals of all ranks); "
                    "any rise means corrupt or unreadable shards.",
-                   [(f"max by (job, run, kind) (increase(distlm_data_errors_total{RUN}{WINDOW}))", "{{kind}}")],
+                   [(f"max by (job, run, kind) (increase(distlm_data_errors_total{RUN}{WINDOW}))", "{{kind}}"),
+                    (f"max by (job, run) (increase(distlm_data_rows_skipped_total{RUN}{WINDOW}))", "rows skipped")],
                    minimum=0),
     ]
     faults = [
@@ -262,9 +267,9 @@ def ranks() -> dict:
                     (f"distlm_memory_max_allocated_bytes{RANK}", "peak " + PER_RANK)],
                    minimum=0),
         timeseries("Scrape targets up", "short",
-                   "1 when Prometheus scraped a rank endpoint, 0 when it failed (rank dead, hung or unreachable); "
-                   "up has no rank label, so the rank and node filters do not apply.",
-                   [(f"up{RUN}", "{{instance}}")], minimum=0),
+                   "1 when Prometheus scraped a rank's endpoint, 0 when it failed (rank dead, hung or unreachable); "
+                   "the run's target file labels each endpoint with its rank and node.",
+                   [(f"up{RANK}", PER_RANK + " {{instance}}")], minimum=0),
     ]
     gpus = [
         timeseries("GPU utilisation", "percent",
