@@ -20,16 +20,14 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-from helpers import process_alive
 
-from helpers import ROOT
+from helpers import ROOT, free_ports, port_free, process_alive
 
 SBIN = ("/usr/sbin", "/sbin")  # the daemons' home, often missing from a non-login PATH
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -50,21 +48,6 @@ def _which(name: str) -> Optional[str]:
     return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _first_job_id(jobs: int = 20) -> int:
     """A first job id whose jobs' ports (train.sbatch: 20000 + id % 12000) are free now.
 
@@ -74,7 +57,7 @@ def _first_job_id(jobs: int = 20) -> int:
     rng = random.Random()
     for _ in range(100):
         first = rng.randrange(1000, 12000 - jobs)
-        if all(_port_free(20000 + job) for job in range(first, first + jobs)):
+        if all(port_free(20000 + job) for job in range(first, first + jobs)):
             return first
     raise ClusterUnavailable(f"no {jobs} consecutive free ports in 21000-31999 on 127.0.0.1 for the jobs' MASTER_PORT")
 
@@ -159,8 +142,8 @@ class SlurmCluster:
 ClusterName=distlmtest
 FirstJobId={_first_job_id()}
 SlurmctldHost={NODE}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_ports()}
+SlurmdPort={free_ports()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge

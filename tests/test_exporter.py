@@ -9,6 +9,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from helpers import free_ports
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,25 +33,8 @@ def _row(step, **extra):
     return row
 
 
-def _free_port_pair() -> int:
-    """A port p such that p and p + 1 are both free right now (rank 0 and rank 1)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port < 65535 and _can_bind(port) and _can_bind(port + 1):
-            return port
-    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
-def _can_bind(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _start(port: int, local_rank: int = 0, warnings: list | None = None, rank: int | None = None):
@@ -128,7 +113,7 @@ def test_disabled_returns_none():
 
 
 def test_default_bind_is_loopback_only_and_serves_the_logged_row(closing):
-    port = _free_port_pair()
+    port = free_ports(2)
     exporter = _start(port, rank=3)
     closing(exporter)
     assert exporter.address == ("127.0.0.1", port)
@@ -191,7 +176,7 @@ def test_taken_port_warns_once_and_recording_goes_on(closing):
 
 
 def test_each_local_rank_serves_its_own_port_and_close_frees_it(closing):
-    port = _free_port_pair()
+    port = free_ports(2)
     rank0, rank1 = _start(port, local_rank=0), _start(port, local_rank=1)
     closing(rank0)
     closing(rank1)

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import ROOT, curve
+from helpers import ROOT, curve, free_ports
 from launchers import CONFIG, WORLD, job_overrides, launcher_env
 
 MPIRUN = str(ROOT / "launch" / "mpirun.sh")
@@ -38,10 +37,6 @@ def _script_args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
     return [CONFIG, *job_overrides(run_dir, shards, *extra)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _job_tree(pid: int) -> list[psutil.Process]:
@@ -200,7 +195,7 @@ def _spawned_pids(out: str) -> set[int]:
 @pytest.mark.slow
 def test_hostfile_trains_the_reference_curve_through_deepspeed(tmp_path, launch_shards, launch_reference):
     run_dir = tmp_path / "run"
-    env = launcher_env(HOSTFILE=str(_hostfile(tmp_path)), MASTER_PORT=str(_free_port()))
+    env = launcher_env(HOSTFILE=str(_hostfile(tmp_path)), MASTER_PORT=str(free_ports()))
     out = _train_to_the_reference(HOSTFILE, run_dir, launch_shards, env, launch_reference, tmp_path / "hostfile.log")
     pids = _heartbeat_pids(run_dir)
     assert sorted(pids) == list(range(WORLD))
@@ -215,7 +210,7 @@ def test_hostfile_trains_the_reference_curve_through_deepspeed(tmp_path, launch_
 ], ids=["hostfile", "local"])
 def test_launchers_forward_sigusr1_so_the_ranks_save_and_exit_75(tmp_path, launch_shards, script, launcher_code):
     run_dir = tmp_path / "run"
-    env = launcher_env(HOSTFILE=str(_hostfile(tmp_path)), MASTER_PORT=str(_free_port()), NPROC=str(WORLD))
+    env = launcher_env(HOSTFILE=str(_hostfile(tmp_path)), MASTER_PORT=str(free_ports()), NPROC=str(WORLD))
     log = tmp_path / "launcher.log"
     # Far more steps than it will run: it must stop because of the signal.
     proc = _start(script, _script_args(run_dir, launch_shards, "train.max_steps=100000"), env, log)

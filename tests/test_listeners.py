@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from helpers import ROOT, distlm_command, run_distlm, source_shards, step_rows
+from helpers import ROOT, distlm_command, free_ports, run_distlm, source_shards, step_rows
 
 pytestmark = [pytest.mark.distributed]
 
@@ -23,10 +23,6 @@ def data_dir(tmp_path_factory):
     return source_shards(tmp_path_factory.mktemp("listeners-corpus"), shard_mb=0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening(port: int) -> list[str]:
@@ -46,7 +42,7 @@ def _args(data_dir, run_dir, port, steps):
 
 
 def test_a_running_job_serves_its_metrics_on_loopback(data_dir, tmp_path):
-    port = _free_port()
+    port = free_ports()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(distlm_command(_args(data_dir, tmp_path / "run", port, 400)), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

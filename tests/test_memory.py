@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from types import SimpleNamespace
 
 import pytest
+
+from helpers import free_ports
 import torch
 
 from distlm.parallel.memory import (MemoryEstimate, MemoryMeasure, estimate_memory, measure_memory,
@@ -117,10 +118,6 @@ CONFIGS = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32"
 TOLERANCE = 0.10
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _small_model() -> torch.nn.Module:
@@ -180,7 +177,7 @@ def _measure_all_configs(rank: int, world_size: int, port: int) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_estimate_matches_deepspeed(world_size):
-    per_rank = spawn_ranks(_measure_all_configs, world_size, _free_port(), timeout=240)
+    per_rank = spawn_ranks(_measure_all_configs, world_size, free_ports(), timeout=240)
     failures, report = [], []
     for rank, rows in enumerate(per_rank):
         for row in rows:

@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from distlm.fault import exit_codes
-from helpers import ROOT, source_shards
+from helpers import ROOT, free_ports, source_shards
 from launchers import job_overrides
 
 CONFIG = str(ROOT / "configs" / "tiny-test.yaml")
@@ -32,10 +32,6 @@ def shards(tmp_path_factory):
     return source_shards(tmp_path_factory.mktemp("preflight-data"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(rank: int, world: int, port: int, overrides: list[str], wrap: list[str] = (), **env) -> subprocess.Popen:
@@ -62,7 +58,7 @@ def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
 
 
 def _two_ranks(run_dir, shards, rank1_overrides=(), rank1_wrap=()):
-    port = _free_port()
+    port = free_ports()
     base = job_overrides(run_dir, shards, "train.max_steps=2")
     return _finish([_start(0, 2, port, base), _start(1, 2, port, [*base, *rank1_overrides], rank1_wrap)])
 
@@ -123,7 +119,7 @@ def test_a_taken_master_port_is_named_at_once(tmp_path, shards):
 
 @pytest.mark.distributed
 def test_a_master_nobody_hosts_fails_within_the_rendezvous_deadline_saying_what_was_tried(tmp_path, shards):
-    port = _free_port()  # nobody listens there: rank 1 waits for a rank 0 that never comes
+    port = free_ports()  # nobody listens there: rank 1 waits for a rank 0 that never comes
     overrides = job_overrides(tmp_path / "run", shards, "fault.rendezvous_timeout_s=3")
     [(code, out)] = _finish([_start(1, 2, port, overrides)])
     assert code == exit_codes.LAUNCH_ERROR, out[-3000:]

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from distlm.fault import exit_codes
-from helpers import ROOT, process_alive, source_shards
+from helpers import ROOT, free_ports, process_alive, source_shards
 from launchers import CONFIG, launcher_env
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -61,24 +61,8 @@ def prometheus_binary():
     return PROMETHEUS
 
 
-def _free_port(count: int = 1) -> int:
-    """A port p with p .. p+count-1 all free on 127.0.0.1 right now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + count <= 65535 and all(_can_bind(port + i) for i in range(count)):
-            return port
-    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1")
 
 
-def _can_bind(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 # --------------------------------------------------------------------------- the stand-in DCGM exporter
@@ -128,7 +112,7 @@ class Prometheus:
         config = yaml.safe_load(config_file.read_text())
         config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = f"{SCRAPE_S}s"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.port = _free_port()
+        self.port = free_ports()
         self.log = root / "prometheus.log"
         self.command = [binary, f"--config.file={config_file}", f"--web.listen-address=127.0.0.1:{self.port}",
                         f"--storage.tsdb.path={root / 'tsdb'}"]
@@ -216,7 +200,7 @@ def test_prometheus_scrapes_a_two_rank_run_and_every_dashboard_query_has_data(
     shards = source_shards(tmp_path, val_fraction=0.1)
     server = Prometheus(prometheus_binary, tmp_path)
     (server.targets_dir / "dcgm" / "gpu-node.json").write_text(json.dumps([{"targets": [dcgm_endpoint]}]))
-    metrics_port = _free_port(2)
+    metrics_port = free_ports(2)
     run_dir = tmp_path / "run"
     overrides = [f"run.dir={run_dir}", "run.name=live", f"data.path={shards}", "train.max_steps=100000",
                  "train.log_every=2", "train.eval_every=10", "train.save_every=10", "checkpoint.keep_last=1",

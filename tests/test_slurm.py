@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from distlm.fault import exit_codes
-from helpers import ROOT, curve, read_metrics
+from helpers import ROOT, curve, free_ports, read_metrics
 from launchers import CONFIG, STEPS, WORLD, job_overrides, launcher_env
 from slurm_cluster import ClusterUnavailable, SlurmCluster
 
@@ -88,20 +88,6 @@ def _steps_logged(run_dir: Path) -> int:
     return best
 
 
-def _two_free_ports() -> int:
-    """A port p with p and p + 1 free on loopback (rank r serves metrics on metrics.port + r)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 1 < 65536:
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise AssertionError("no two consecutive free ports on 127.0.0.1")
 
 
 @pytest.mark.distributed
@@ -127,7 +113,7 @@ def test_sbatch_trains_the_reference_model(cluster, launch_shards, launch_refere
 @pytest.mark.slow
 def test_preempted_job_saves_requeues_and_resumes_the_same_curve(cluster, launch_shards, launch_reference, tmp_path):
     run_dir, targets_dir = tmp_path / "run", tmp_path / "targets"
-    port = _two_free_ports()
+    port = free_ports(2)
     # Rank 0 pauses 0.2 s after every step of every start (a DELAY fault: a sleep, the numbers
     # are untouched), so the 12 steps take seconds and the signal lands mid-run.
     slow = f"rank=0,step=1,phase=step,signal=DELAY,repeat={STEPS}"
