@@ -85,7 +85,8 @@ def train(data: Path, run_dir: Path, steps: int, metrics_port: int | None) -> tu
                  f"train.log_every={LOG_EVERY}", "train.eval_every=0", "train.save_every=0", "train.resume=never"]
     scraper = None
     if metrics_port is not None:
-        overrides += ["metrics.enabled=true", f"metrics.port={metrics_port}"]
+        overrides += ["metrics.enabled=true", f"metrics.port={metrics_port}",
+                      f"metrics.targets_dir={run_dir.parent / 'targets'}"]  # not the repository's
         scraper = Scraper([f"http://127.0.0.1:{metrics_port + r}/metrics" for r in range(2)])
         scraper.start()
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,8 @@ def _listening(port: int) -> list[str]:
 
 def _args(data_dir, run_dir, port, steps):
     return ["train", CONFIG, f"data.path={data_dir}", f"run.dir={run_dir}", f"train.max_steps={steps}",
-            "train.log_every=1", "train.eval_every=0", "metrics.enabled=true", f"metrics.port={port}"]
+            "train.log_every=1", "train.eval_every=0", "metrics.enabled=true", f"metrics.port={port}",
+            f"metrics.targets_dir={Path(run_dir).parent / 'targets'}"]  # not the repository's monitoring/targets
 
 
 def test_a_running_job_serves_its_metrics_on_loopback(data_dir, tmp_path):

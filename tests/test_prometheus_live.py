@@ -32,7 +32,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distlm.config import load_config
 from distlm.fault import exit_codes
+from distlm.metrics.targets import targets_file
 from helpers import ROOT, free_ports, process_alive, source_shards
 from launchers import CONFIG, launcher_env
 
@@ -212,7 +214,9 @@ def test_prometheus_scrapes_a_two_rank_run_and_every_dashboard_query_has_data(
             ["bash", "launch/local.sh", CONFIG, *overrides], cwd=ROOT, text=True, start_new_session=True,
             stdout=open(tmp_path / "launcher.log", "w"), stderr=subprocess.STDOUT,
             env=launcher_env(NPROC="2", DISTLM_TARGETS_DIR=str(server.targets_dir)))
-        target_file = _wait_for_target_file(server.targets_dir / "live.json", launcher, tmp_path)
+        run_cfg = load_config(CONFIG, overrides)
+        target_file = _wait_for_target_file(targets_file(run_cfg, {"DISTLM_TARGETS_DIR": str(server.targets_dir)}),
+                                            launcher, tmp_path)
         assert [group["targets"] for group in json.loads(target_file.read_text())] == [
             [f"127.0.0.1:{metrics_port}"], [f"127.0.0.1:{metrics_port + 1}"]]
 

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
+from distlm.config import load_config
 from distlm.fault import exit_codes
+from distlm.metrics.targets import targets_file
 from helpers import ROOT, curve, free_ports, read_metrics
 from launchers import CONFIG, STEPS, WORLD, job_overrides, launcher_env
 from slurm_cluster import ClusterUnavailable, SlurmCluster
@@ -106,7 +108,7 @@ def test_sbatch_trains_the_reference_model(cluster, launch_shards, launch_refere
     assert curve(run_dir) == launch_reference, out[-4000:]
     assert f"{WORLD} ranks), meeting at localhost:" in out, out[-4000:]
     # metrics.enabled is false in the shared job: no target file.
-    assert "listed for Prometheus" not in out and not (ROOT / "monitoring" / "targets" / "run.json").exists()
+    assert "listed for Prometheus" not in out
 
 
 @pytest.mark.distributed
@@ -119,7 +121,9 @@ def test_preempted_job_saves_requeues_and_resumes_the_same_curve(cluster, launch
     slow = f"rank=0,step=1,phase=step,signal=DELAY,repeat={STEPS}"
     job = _submit(cluster, tmp_path, run_dir, launch_shards, "metrics.enabled=true", f"metrics.port={port}",
                   env={"DISTLM_FAULT": slow, "DISTLM_TARGETS_DIR": str(targets_dir)})
-    target_file = targets_dir / "run.json"  # the run label: run.dir's name
+    target_file = targets_file(load_config(CONFIG, job_overrides(run_dir, launch_shards, "metrics.enabled=true")),
+                               {"DISTLM_TARGETS_DIR": str(targets_dir)})
+    assert target_file.name.startswith("run-")  # the run label: run.dir's name
 
     deadline = time.monotonic() + 2 * JOB_TIMEOUT_S  # two starts
     while _steps_logged(run_dir) < 2:

@@ -180,10 +180,14 @@ class Saver:
         if commit_error is not None:
             self._failed(flight, [(0, commit_error)])
             return
-        if self.on_committed is not None:
-            self.on_committed(flight.step, time.perf_counter() - flight.started)
+        took = time.perf_counter() - flight.started
         if flight.thread is None:
             barrier()  # a synchronous save returns once the step is committed, on every rank
+        if self.on_committed is not None:
+            try:
+                self.on_committed(flight.step, took)
+            except Exception as e:  # noqa: BLE001 - a listener must not break the save's collectives
+                self.log(f"WARNING: after committing step {flight.step}: {type(e).__name__}: {e}")
 
     def _commit(self, flight: _InFlight, parts: list) -> Optional[str]:
         """Rank 0: check every rank's part is there, commit, apply retention; an error message or None."""

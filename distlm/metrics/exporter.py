@@ -219,7 +219,9 @@ class Exporter:
         self._checkpoint_every_steps = self._gauge(
             "distlm_checkpoint_every_steps", "train.save_every: steps between checkpoints (0: only at the end).")
         self._checkpoint_save_duration = self._gauge(
-            "distlm_checkpoint_save_duration_seconds", "How long the last successful checkpoint save took.")
+            "distlm_checkpoint_save_duration_seconds",
+            "From the start of the last committed checkpoint save to its commit (asynchronous saves: "
+            "until the step boundary that found the background write done).")
         self._checkpoint_last_success = self._gauge(
             "distlm_checkpoint_last_success_timestamp_seconds", "Unix time of the last successful checkpoint save.")
         self._tokens = self._counter(

@@ -25,8 +25,8 @@ from distlm.fault.preemption import Preemption
 from distlm.fault.watchdog import HangReport, Watchdog
 from distlm.metrics.exporter import start_exporter
 from distlm.metrics.forward_clock import ForwardClock
+from distlm.metrics.targets import TargetFile, run_label
 from distlm.metrics.targets import publish as publish_targets
-from distlm.metrics.targets import run_label
 from distlm.parallel.distributed import DistContext
 from distlm.train.resources import memory_now_and_peak
 
@@ -52,7 +52,7 @@ class Supervisor:
         if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
             self.control_group, self.control_device = torch.distributed.new_group(backend="gloo"), torch.device("cpu")
         self.forward_clock: Optional[ForwardClock] = None
-        self.targets: Optional[Path] = None
+        self.targets: Optional[TargetFile] = None  # rank 0's, once written
         self.exporter = start_exporter(cfg.metrics, ctx.rank, ctx.local_rank, run_label(cfg), warn=_say_on_every_rank)
         if self.exporter is not None:
             self._describe_for_metrics()
@@ -167,8 +167,7 @@ class Supervisor:
         self.preemption.uninstall()
         if self.forward_clock is not None:
             self.forward_clock.close()
-        if self.targets is not None:  # the run's processes end: Prometheus stops looking for them
-            self.targets.unlink(missing_ok=True)
+        self._forget_targets()
         if self.exporter is not None:
             self.exporter.close()
 
@@ -176,11 +175,18 @@ class Supervisor:
         """exit.json / exits.jsonl on this rank, and on rank 0 the ending of this start in starts.jsonl
         (also from the signal and watchdog threads, which end the process themselves)."""
         record_exit(self.run_dir, code, reason, self.ctx.rank, self.step)
+        self._forget_targets()  # also the endings that leave at once (a second signal, a hang)
         if self.ctx.is_main:
             try:
                 self.starts.record_end(_ENDINGS.get(code) or exit_codes.name_of(code), self.step)
             except OSError:
                 pass
+
+    def _forget_targets(self) -> None:
+        """The run's processes end: Prometheus stops looking for them (see distlm.metrics.targets)."""
+        targets, self.targets = self.targets, None
+        if targets is not None:
+            targets.remove(self.log)
 
     def _on_hang(self, report: HangReport) -> None:
         self._record_exit(exit_codes.HANG, report.message())
