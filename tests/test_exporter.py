@@ -339,3 +339,41 @@ def test_torch_tcpstore_listens_on_every_interface_even_when_given_loopback():
     else:
         assert listening == [("tcp", ipaddress.ip_address("0.0.0.0"))]
     del store
+
+
+def test_forward_clock_on_cuda_reads_only_finished_events(monkeypatch):
+    """No GPU here: CUDA events are stood in for by ones whose completion the test decides, to
+    check the clock never waits for the GPU and loses no finished pass."""
+
+    class FakeEvent:
+        made = []
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.done, self.at = False, None
+            FakeEvent.made.append(self)
+
+        def record(self):
+            self.at = len(FakeEvent.made) * 0.010  # each event 10 ms after the one before
+
+        def query(self):
+            return self.done
+
+        def elapsed_time(self, end):
+            assert self.done and end.done, "elapsed_time read before the GPU finished"
+            return (end.at - self.at) * 1000  # milliseconds, as CUDA reports
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    module = torch.nn.Identity()
+    clock = ForwardClock(module, torch.device("cuda", 0))
+    for _ in range(3):
+        module(torch.ones(1))
+    assert clock.take_seconds() == 0  # queued, nothing finished: no wait, nothing counted
+    for event in FakeEvent.made[:4]:  # the GPU finished the first two passes
+        event.done = True
+    assert clock.take_seconds() == pytest.approx(0.020)
+    for event in FakeEvent.made:
+        event.done = True
+    module(torch.ones(1))  # a pass collects the finished ones as it queues its own
+    assert clock.take_seconds() == pytest.approx(0.010)  # the third; the fourth is still running
+    clock.close()
