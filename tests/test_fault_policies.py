@@ -147,6 +147,34 @@ def test_loader_workers_ignore_the_schedulers_signals_but_not_their_trainers(tmp
     assert out.returncode == 0 and "worker alive" in out.stdout, out.stderr[-2000:]
 
 
+_SIGTERM_WHILE_WORKERS_START = textwrap.dedent("""
+    import os, signal, time
+    from types import SimpleNamespace
+    from torch.utils.data import IterableDataset
+    from distlm.data.stream import make_loader
+
+    class Numbers(IterableDataset):
+        def __iter__(self):
+            for i in range(100):
+                yield SimpleNamespace(i=i, errors=None)
+
+    # The worst moment: a SIGTERM reaches each worker the instant it is forked, before torch's
+    # worker setup and distlm's worker_init_fn run (sent by the worker itself: not its trainer).
+    os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    batches = iter(make_loader(Numbers(), num_workers=2))
+    assert sorted(next(batches).i for _ in range(6)) == [0, 0, 1, 1, 2, 2]  # each worker yields them all
+    print("workers alive", flush=True)
+""")
+
+
+def test_a_sigterm_while_the_workers_start_does_not_kill_them(tmp_path):
+    script = tmp_path / "starting.py"
+    script.write_text(_SIGTERM_WHILE_WORKERS_START)
+    out = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "workers alive" in out.stdout, out.stderr[-2000:]
+
+
 def test_every_process_group_takes_the_configured_timeout():
     """fault.collective_timeout_s reaches groups created later too (DeepSpeed's, tp/pp/dp)."""
     code = textwrap.dedent("""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
@@ -664,4 +665,21 @@ def make_loader(
         # A preemption signal is the trainer's to act on; a worker dies with its trainer.
         worker_init_fn=functools.partial(ignore_in_worker, trainer_pid=os.getpid()),
     )
-    return _raise_handed_over(iter(loader))
+    return _raise_handed_over(_start_workers(loader))
+
+
+def _start_workers(loader: DataLoader) -> Iterator:
+    """``iter(loader)``, which forks the workers, with SIGTERM blocked in this thread meanwhile.
+
+    A forked worker runs torch's own SIGTERM handler (die unless the sender is the trainer)
+    until its worker_init_fn replaces it: a scheduler's SIGTERM to the whole job in that window
+    killed the worker and failed the loader before the trainer could save. Forked with SIGTERM
+    blocked, the worker holds such a signal pending until ignore_in_worker's thread reads and
+    ignores it. The trainer loses nothing: a SIGTERM for it meanwhile goes to one of its other
+    threads or waits here until the mask is restored.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
