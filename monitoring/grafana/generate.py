@@ -238,8 +238,8 @@ def ranks() -> dict:
     ]
     stragglers = [
         timeseries("Forward seconds per second per rank", "percentunit",
-                   "Share of wall time each rank spends in forward passes, the straggler signal: "
-                   "a rank well above the others is the slow one.",
+                   "Share of wall time each rank spends in forward passes, the straggler signal: a rank well "
+                   "above the others of its pipeline stage is the slow one (stages differ by design).",
                    [(f"rate(distlm_forward_seconds_total{RANK}{WINDOW})", PER_RANK)], minimum=0),
         timeseries("Data wait fraction per rank", "percentunit",
                    "Share of wall time each rank waits for its next batch; a rank above the rest has slow "
