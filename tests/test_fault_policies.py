@@ -139,11 +139,16 @@ _LOADER_UNDER_FIRE = textwrap.dedent("""
 """)
 
 
+def _run_script(tmp_path, source: str) -> subprocess.CompletedProcess:
+    """``source`` as a trainer process of its own (signals and forks stay out of pytest's)."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    return subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_loader_workers_ignore_the_schedulers_signals_but_not_their_trainers(tmp_path):
-    script = tmp_path / "loader.py"
-    script.write_text(_LOADER_UNDER_FIRE)
-    out = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=60)
+    out = _run_script(tmp_path, _LOADER_UNDER_FIRE)
     assert out.returncode == 0 and "worker alive" in out.stdout, out.stderr[-2000:]
 
 
@@ -168,10 +173,7 @@ _SIGTERM_WHILE_WORKERS_START = textwrap.dedent("""
 
 
 def test_a_sigterm_while_the_workers_start_does_not_kill_them(tmp_path):
-    script = tmp_path / "starting.py"
-    script.write_text(_SIGTERM_WHILE_WORKERS_START)
-    out = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)},
-                         capture_output=True, text=True, timeout=60)
+    out = _run_script(tmp_path, _SIGTERM_WHILE_WORKERS_START)
     assert out.returncode == 0 and "workers alive" in out.stdout, out.stderr[-2000:]
 
 

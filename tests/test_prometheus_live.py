@@ -35,7 +35,7 @@ import yaml
 from distlm.config import load_config
 from distlm.fault import exit_codes
 from distlm.metrics.targets import targets_file
-from helpers import ROOT, free_ports, process_alive, source_shards
+from helpers import ROOT, free_ports, process_alive, source_shards, system_unavailable
 from launchers import CONFIG, launcher_env
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -49,17 +49,11 @@ VARIABLES = {"$__rate_interval": "15s", "$__interval": "1s", "$__range": "1m",
              "$job": ".*", "$run": ".*", "$rank": ".*", "$node": ".*"}
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture(scope="module")
 def prometheus_binary():
     if not (os.path.exists(PROMETHEUS) and os.access(PROMETHEUS, os.X_OK)):
-        reason = "no prometheus server (Debian: apt-get install prometheus; .ci/install-systems.sh does it)"
-        if _in_ci():
-            pytest.fail(f"CI is set, so the Prometheus tests must run, but: {reason}")
-        pytest.skip(reason)
+        system_unavailable("no prometheus server (Debian: apt-get install prometheus; "
+                           ".ci/install-systems.sh does it)")
     return PROMETHEUS
 
 

@@ -23,7 +23,6 @@ with CI set in the environment they fail instead.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -36,7 +35,7 @@ import pytest
 from distlm.fault import exit_codes
 from distlm.fault.crash_loop import STARTS_FILE
 from distlm.fault.inject import Fault
-from helpers import ROOT, curve
+from helpers import ROOT, curve, system_unavailable
 from launchers import CONFIG, SAVE_EVERY, STEPS, job_overrides, launcher_env
 from netns import NamespaceUnavailable, two_hosts
 
@@ -62,9 +61,7 @@ def hosts():
         try:
             pair = stack.enter_context(two_hosts())
         except NamespaceUnavailable as e:
-            if os.environ.get("CI"):
-                pytest.fail(f"CI is set, and the two-host tests cannot create network namespaces: {e}")
-            pytest.skip(f"cannot create network namespaces: {e}")
+            system_unavailable(f"cannot create network namespaces: {e}")
         yield pair
 
 

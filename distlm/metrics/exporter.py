@@ -98,9 +98,7 @@ class Exporter:
         """Tokens each step adds to distlm_tokens_total, and where this rank sits in the layout
         (pipeline stages do different work: the straggler rule compares ranks of one stage)."""
         self._tokens_per_step = tokens_per_step
-        Gauge("distlm_layout_info", "This rank's place in the layout: pipeline stage, replica, tensor slice.",
-              CONSTANT_LABELS + ("stage", "dp_rank", "tp_rank"), registry=self.registry).labels(
-            **self._constant, stage=str(stage), dp_rank=str(dp_rank), tp_rank=str(tp_rank)).set(1)
+        self._layout_info.labels(stage=str(stage), dp_rank=str(dp_rank), tp_rank=str(tp_rank)).set(1)
 
     # ------------------------------------------------------------------ recording
 
@@ -198,6 +196,9 @@ class Exporter:
 
     def _define_series(self) -> None:
         self._world_size = self._gauge("distlm_world_size", "Ranks in this run (how many should report).")
+        self._layout_info = _BoundLabels(
+            Gauge("distlm_layout_info", "This rank's place in the layout: pipeline stage, replica, tensor slice.",
+                  CONSTANT_LABELS + ("stage", "dp_rank", "tp_rank"), registry=self.registry), self._constant)
         self._start_timestamp = self._gauge(
             "distlm_start_timestamp_seconds", "Unix time this process started (ages count from it before a first step or save).")
         self._loss = self._gauge("distlm_loss", "Training loss of the last logged step.")
@@ -285,7 +286,7 @@ class Exporter:
         Counting the re-done work again is deliberate, as for distlm_tokens_total (counted per
         step): a high-water mark would show nothing happening while the work is repeated.
         """
-        if not _is_finite_number(running_total):
+        if not is_finite_number(running_total):
             return
         increase = running_total - self._last_totals.get(key, 0)
         if increase > 0:
@@ -310,7 +311,8 @@ class _BoundLabels:
         return self._metric.labels(**self._constant, **extra)
 
 
-def _is_finite_number(value) -> bool:
+def is_finite_number(value) -> bool:
+    """A real int or float that is neither NaN nor infinite (bools and None are not numbers here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

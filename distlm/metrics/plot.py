@@ -2,16 +2,18 @@
 
 Four panels against the step: train and validation loss, learning rate, throughput (tokens/s)
 and gradient norm. Only ``metrics.jsonl`` is read; the ``metrics.N.jsonl`` files that earlier
-fresh starts set aside belong to other runs. matplotlib is optional: it is imported only here,
-through its object API with the Agg canvas, so plotting works headless and opens no window.
+fresh starts set aside belong to other runs. matplotlib is imported only when drawing, through its
+object API with the Agg canvas, so plotting works headless and opens no window.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
+
+# The logger writes a NaN or Inf as null; older or foreign files may hold NaN itself: neither is drawn.
+from distlm.metrics.exporter import is_finite_number
 
 # One fixed colour per series, so a reader (and the tests) can tell them apart.
 LOSS_COLOUR = "#1f77b4"        # blue
@@ -92,14 +94,9 @@ def _drop_from(rows: list[dict], step: int) -> None:
         rows.pop()
 
 
-def _finite(value) -> bool:
-    # The logger writes a NaN or Inf as null; older or foreign files may hold NaN itself.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     """The (step, value) points of ``key`` whose value is a finite number."""
-    points = [(row["step"], row[key]) for row in rows if _finite(row.get(key))]
+    points = [(row["step"], row[key]) for row in rows if is_finite_number(row.get(key))]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -114,7 +111,7 @@ def summary(metrics: Metrics) -> str:
         parts.append("no step rows")
     if metrics.evals:
         parts.append(f"last val_loss {_number(metrics.evals[-1]['val_loss'])} at step {metrics.evals[-1]['step']}")
-    not_finite = sum(1 for row in metrics.steps if not _finite(row.get("loss")))
+    not_finite = sum(1 for row in metrics.steps if not is_finite_number(row.get("loss")))
     if not_finite:
         parts.append(f"{not_finite} non-finite losses not drawn")
     if metrics.skipped_lines:
@@ -123,7 +120,7 @@ def summary(metrics: Metrics) -> str:
 
 
 def _number(value) -> str:
-    return f"{value:.4f}" if _finite(value) else "nan"
+    return f"{value:.4f}" if is_finite_number(value) else "nan"
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, str]:

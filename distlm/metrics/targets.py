@@ -78,7 +78,7 @@ def scrape_address(bind: str, port: int, node: str, same_host: bool = True) -> s
     another host is listed by that host's name: unreachable (it says so by being down), where
     127.0.0.1 would have Prometheus scrape this host's rank in its place.
     """
-    wildcard = bind in WILDCARDS or (not same_host and _is_loopback_bind(bind))
+    wildcard = bind in WILDCARDS or (not same_host and is_loopback(bind))
     host = node if wildcard else bind
     try:
         if ipaddress.ip_address(host).version == 6:
@@ -86,10 +86,6 @@ def scrape_address(bind: str, port: int, node: str, same_host: bool = True) -> s
     except ValueError:
         pass  # a name, not an address literal
     return f"{host}:{port}"
-
-
-def _is_loopback_bind(bind: str) -> bool:
-    return is_loopback(bind) or bind == "localhost"
 
 
 def target_groups(endpoints: list[Optional[tuple[str, str]]], run: str,
@@ -163,7 +159,7 @@ def _write_for_rank0(cfg: Config, shared: list[Optional[tuple[str, int]]], log: 
     endpoints = [None if item is None else (scrape_address(bind, item[1], item[0], item[0] == here), item[0])
                  for item in shared]
     nodes = {item[0] for item in shared if item is not None}
-    if len(nodes) > 1 and _is_loopback_bind(bind):
+    if len(nodes) > 1 and is_loopback(bind):
         log(f"metrics: WARNING: metrics.bind={bind} serves each rank on its own host only; a Prometheus "
             f"cannot reach the ranks of the other {len(nodes) - 1} host(s) of this run (they will show as "
             f"down): set metrics.bind=0.0.0.0 (or the nodes' address)")

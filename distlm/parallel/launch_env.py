@@ -292,7 +292,8 @@ def _resolve_host(host: str) -> str:
 
 
 def is_loopback(address: str) -> bool:
-    return address.startswith("127.") or address == "::1"
+    """An address (or the name ``localhost``) that only this host can reach."""
+    return address.startswith("127.") or address in ("::1", "localhost")
 
 
 def _free_port(bind: str = "127.0.0.1") -> int:
