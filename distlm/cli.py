@@ -1,5 +1,6 @@
 """The ``distlm`` command: ``distlm prepare ...``, ``distlm data verify|bench DIR``,
-``distlm train CONFIG [key.sub=value ...]`` and ``distlm plot RUN_DIR``.
+``distlm train CONFIG [key.sub=value ...]``, ``distlm plot RUN_DIR``, and for a trained model
+``distlm generate|eval|finetune-classify CKPT ...``.
 
 Run directly, ``distlm train`` trains in one process. For several processes on one node::
 
@@ -89,6 +90,15 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task(module: str):
+    """The ``run(args)`` of ``distlm.tasks.MODULE``, imported when the command runs."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(f"distlm.tasks.{module}").run(args)
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distlm", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,6 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (run.dir) that holds metrics.jsonl")
     pl.add_argument("--out", metavar="PATH", default=None, help="PNG to write (default RUN_DIR/metrics.png)")
     pl.set_defaults(run=_plot)
+
+    from distlm.tasks import classify, eval_lm, generate
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint (temperature, top-k, top-p, KV cache)",
+                       description=generate.__doc__.split("\n\n")[0])
+    generate.add_arguments(g)
+    g.set_defaults(run=_task("generate"))
+
+    ev = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint on shards or a text file",
+                        description=eval_lm.__doc__.split("\n\n")[0])
+    eval_lm.add_arguments(ev)
+    ev.set_defaults(run=_task("eval_lm"))
+
+    fc = sub.add_parser("finetune-classify", help="fine-tune a checkpoint as a sequence classifier on JSONL "
+                                                  "(text, label) and report held-out accuracy",
+                        description=classify.__doc__.split("\n\n")[0])
+    classify.add_arguments(fc)
+    fc.set_defaults(run=_task("classify"))
     return parser
 
 

@@ -56,8 +56,12 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     """Std of the normal init; output projections of each block are scaled by 1/sqrt(2*n_layers)."""
-    objective: Literal["clm"] = "clm"
-    """Training objective; causal language modelling (masked LM comes with the toolkit)."""
+    objective: Literal["clm", "mlm"] = "clm"
+    """clm: causal language modelling (GPT). mlm: masked language modelling (BERT): bidirectional
+    attention, mask_prob of the tokens chosen (80% -> the mask id, 10% -> a random token, 10% kept),
+    the loss on the chosen ones only."""
+    mask_prob: float = 0.15
+    """With objective=mlm: the share of tokens chosen for prediction (document-ending EOS never is)."""
 
 
 @dataclass
@@ -145,6 +149,10 @@ class TrainConfig:
     """Peak FLOP/s of one device for MFU; None uses a known GPU's datasheet value (none on CPU)."""
     threads: Optional[int] = None
     """torch intra-op threads per process; None keeps torch's (or OMP_NUM_THREADS's) choice."""
+    init_from: Optional[str] = None
+    """Fine-tuning: start from this checkpoint's weights (a run folder, or one checkpoint folder;
+    any layout), with a fresh optimizer, step 0 and this config's schedule and data. Ignored once
+    the run has checkpoints of its own: a restarted fine-tune resumes from those."""
 
 
 @dataclass
@@ -448,6 +456,8 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
     need(m.pos != "rope" or (m.d_model // m.n_heads) % 2 == 0,
          f"model.pos=rope needs an even head size; d_model/n_heads = {m.d_model // m.n_heads}")
     need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1); got {m.dropout}")
+    need(0.0 < m.mask_prob < 1.0, f"model.mask_prob must be in (0, 1); got {m.mask_prob}")
+    need(t.init_from != "", "train.init_from must be a checkpoint (a run folder or a checkpoint folder), or unset")
     need(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr}) and optim.lr > 0")
     need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)")
     need(t.resume not in ("", None), "train.resume must be auto, never, or a checkpoint folder")

@@ -235,8 +235,24 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, tp: TPGroup) -> torch.T
 # --------------------------------------------------------------------------- blocks
 
 
+def attention_mask(keep: torch.Tensor, causal: bool) -> torch.Tensor:
+    """SDPA's boolean mask [B, 1, T, T] (True: may attend) from the real tokens ``keep`` [B, T].
+
+    A padded query row still sees itself, so no row of the softmax is empty (which gives NaN);
+    what padding positions compute is never read.
+    """
+    T = keep.shape[1]
+    mask = keep[:, None, None, :].expand(-1, 1, T, -1)
+    if causal:
+        mask = mask & torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()
+    return mask | torch.eye(T, dtype=torch.bool, device=keep.device)
+
+
 class Attention(nn.Module):
-    """Causal self-attention; grouped-query when n_kv_heads < n_heads (Ainslie et al. 2023).
+    """Self-attention; grouped-query when n_kv_heads < n_heads (Ainslie et al. 2023).
+
+    Causal for ``model.objective=clm``; bidirectional for ``mlm`` (BERT: every position sees the
+    whole sequence, and the loss is taken only where the input was masked).
 
     Under tensor parallelism each rank holds n_heads/tp query heads and n_kv_heads/tp kv heads,
     in order, so query head h still reads kv head h // group on the rank that holds both.
@@ -251,6 +267,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.rng = rng  # dropout on this rank's heads draws from the tensor-parallel stream
         self.tp = tp
+        self.causal = cfg.objective == "clm"
         kv_dim = self.n_kv_heads * self.head_dim
         self.q_proj = column_linear(cfg.d_model, cfg.d_model, cfg.bias, tp)
         self.k_proj = column_linear(cfg.d_model, kv_dim, cfg.bias, tp)
@@ -258,7 +275,8 @@ class Attention(nn.Module):
         self.o_proj = row_linear(cfg.d_model, cfg.d_model, cfg.bias, tp)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep``: None, or a bool mask [B, T] of the real tokens (False: padding, never attended to)."""
         x = enter_tp_region(x, self.tp)
         B, T, _ = x.shape
         # [B, T, heads*hd] -> [B, heads, T, hd]: SDPA attends over the second-to-last dim.
@@ -279,8 +297,10 @@ class Attention(nn.Module):
                 group = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         dropout = self.dropout if self.training else 0.0
+        mask = None if keep is None else attention_mask(keep, self.causal)
         with self.rng.fork() if (dropout and self.rng is not None) else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, **gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+                                               dropout_p=dropout, **gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return sequence_dropout(self.resid_dropout, self.o_proj(y), self.tp, self.rng)
 
@@ -325,8 +345,8 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg, tp)
         self.mlp = MLP(cfg, tp, rng)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), keep)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -461,15 +481,28 @@ class Transformer(nn.Module):
         # The Transformer's own names are the canonical ones (pipeline stages map theirs to these).
         init_weights(self, self.cfg, seed_from_torch() if seed is None else seed, lambda name: name)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, d_model]: what the LM head (or a task head) reads.
+
+        ``keep``: a bool mask [B, T] of the real tokens of a right-padded batch; padding is never
+        attended to (None: every position is real).
+        """
         x = self.positions(self.tok_emb(tokens))
         for block in self.blocks:
             if self.checkpoint_activations and self.training:
-                x = self.recompute(block, x)
+                x = self.recompute(block, x, keep)
             else:
-                x = block(x)
-        x = self.head(x)
-        logits = tied_logits(x, self.tok_emb, self.tp) if self.cfg.tie_embeddings else x
+                x = block(x, keep)
+        return self.head.norm_f(x)
+
+    def logits_of(self, features: torch.Tensor) -> torch.Tensor:
+        """The LM head on ``features`` (this rank's vocabulary slice under tensor parallelism)."""
+        if self.cfg.tie_embeddings:
+            return tied_logits(features, self.tok_emb, self.tp)
+        return self.head.lm_head(enter_tp_region(features, self.tp))
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.logits_of(self.features(tokens))
         if targets is None:
             return logits
         return lm_loss(logits, targets, self.tp)
