@@ -1,7 +1,8 @@
 """Every layout computes the same model as one process (tp, pp, dp each in {1, 2}; up to 8 ranks).
 
 Each layout trains the same tiny Llama-style model (RoPE, SwiGLU, RMSNorm, grouped-query
-attention, tied embeddings) for 10 steps in fp32 on real gloo processes, and must follow the
+attention, tied embeddings) for 10 steps in fp32 on real gloo processes (and, once, as a masked
+LM), and must follow the
 one-process loss and gradient norm within 1e-5 relative. Its final checkpoint, consolidated
 and loaded into one plain process, must give the run's own validation loss and the reference's
 logits. The table of largest differences is printed (``pytest -s``).
@@ -21,6 +22,7 @@ from distlm.config import ModelConfig
 from distlm.data.prepare import prepare_corpus
 from distlm.data.stream import TokenStream
 from distlm.data.blend import Source
+from distlm.data.masking import masking_for
 from distlm.model import Transformer
 from helpers import ROOT, package_source_corpus, read_metrics, run_distlm, step_rows
 
@@ -48,8 +50,11 @@ CASES.update({
     "gpt2-tp2-pp2-dp2": ("gpt2", (2, 2, 2), []),
     "gpt2-tp2-dp2-seqpar": ("gpt2", (2, 1, 2), ["parallel.sequence_parallel=true"]),
     "gpt2-tp2-pp2-seqpar": ("gpt2", (2, 2, 1), ["parallel.sequence_parallel=true"]),
+    # masked LM: bidirectional attention, and every rank of a replica must mask its rows alike
+    "mlm-tp2-pp2-dp2": ("mlm", (2, 2, 2), []),
 })
-ARCH = {"llama": LLAMA, "gpt2": GPT2}
+# The byte tokenizer's 257 ids plus the added mask id: 258 again.
+ARCH = {"llama": LLAMA, "gpt2": GPT2, "mlm": LLAMA + ["model.objective=mlm"]}
 RESULTS: dict = {}
 
 
@@ -89,9 +94,10 @@ def _one_process_model(run_dir) -> Transformer:
     return load_one_process_model(folder, lambda m: Transformer(ModelConfig(**m), seed=0)).eval()
 
 
-def _val_rows(data_dir) -> tuple[torch.Tensor, torch.Tensor]:
+def _val_rows(data_dir, arch: str) -> tuple[torch.Tensor, torch.Tensor]:
     stream = TokenStream([Source(str(data_dir))], "val", micro_batch_size=BATCH * EVAL_ITERS, dp_rank=0, dp_size=1,
                          seed=1234, shuffle=False, seq_len=32)
+    stream.masking = masking_for("mlm" if arch == "mlm" else "clm", stream.manifest, 0.15, 1234)
     inputs, targets, _ = next(iter(stream))
     return inputs, targets
 
@@ -120,11 +126,14 @@ def test_layout_follows_one_process(case, data_dir, references, tmp_path):
     # the loss moved: the comparison is over a real trajectory, not 10 copies of one number
     assert ref[-1]["loss"] < ref[0]["loss"] - 0.05
 
-    inputs, targets = _val_rows(data_dir)
+    inputs, targets = _val_rows(data_dir, arch)
     with torch.no_grad():
         mine, theirs = _one_process_model(run_dir), _one_process_model(reference)
         logits, ref_logits = mine(inputs), theirs(inputs)
-        one_process_val = mine(inputs, targets).item()
+        # The run's validation loss is the mean of its micro-batches' means: for a masked LM,
+        # whose micro-batches hold different numbers of masked tokens, that is not the mean
+        # over all the tokens at once.
+        one_process_val = torch.stack([mine(i, t) for i, t in zip(inputs.split(MICRO), targets.split(MICRO))]).mean().item()
     run_val = next(r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r)
     logit_diff = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
     bytes_ratio, (mem_low, mem_high) = _cost_ratios(stdout)

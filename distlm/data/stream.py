@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from distlm.fault.preemption import ignore_in_worker
 
 from .blend import BlendSchedule, Source
+from .masking import MLMMasking
 from .remote import expand_urls
 from .shards import Manifest, ShardError, ShardReader, SplitInfo, load_manifest
 
@@ -192,6 +193,8 @@ class TokenStream(IterableDataset):
     copy of the rows. ``seq_len=None`` uses the manifest's; a smaller one truncates rows.
     ``blend_base``: ``(row, per-source counts)`` where the blend schedule starts (see
     :class:`~distlm.data.blend.BlendSchedule`); None starts it at row 0.
+    ``masking``: for masked LM, ``inputs`` are ``row[:seq_len]`` masked and ``targets`` the
+    original tokens where masked, -100 elsewhere (:mod:`distlm.data.masking`).
     See the module docstring for the order of samples and the error policy.
     """
 
@@ -214,6 +217,7 @@ class TokenStream(IterableDataset):
         blend_base: Optional[tuple[int, Sequence[int]]] = None,
         seed_keys: Optional[dict[str, list[int]]] = None,
         contiguous: bool = False,
+        masking: Optional[MLMMasking] = None,
         log: Optional[Callable[[str], None]] = None,
     ):
         super().__init__()
@@ -259,6 +263,7 @@ class TokenStream(IterableDataset):
         self.seq_len = seq_len
         self.on_error, self.max_error_rate, self.allow_pipe = on_error, max_error_rate, allow_pipe
         self.contiguous = contiguous
+        self.masking = masking
         self.log = log
         base_row, base_counts = blend_base if blend_base is not None else (0, None)
         if start_row < base_row:
@@ -329,11 +334,11 @@ class TokenStream(IterableDataset):
                 while True:
                     rows, bad = cursor.take(first + offset, m)
                     cursor.policy.account(m, bad)
-                    yield self._batch(rows, bad, cursors)
+                    yield self._batch(rows, bad, cursors, first)
                     first += step
             while True:
                 rows, bad = self._blended_rows(cursors, first)
-                yield self._batch(rows, bad, cursors)
+                yield self._batch(rows, bad, cursors, first)
                 first += step
         finally:
             for cursor in cursors:
@@ -354,9 +359,13 @@ class TokenStream(IterableDataset):
                 bad[here] = bad_here
         return out, bad
 
-    def _batch(self, rows: np.ndarray, bad: Optional[np.ndarray], cursors: list["_Cursor"]) -> MicroBatch:
+    def _batch(self, rows: np.ndarray, bad: Optional[np.ndarray], cursors: list["_Cursor"], first: int) -> MicroBatch:
         L = self.seq_len
-        if self.contiguous:
+        if self.masking is not None:
+            # Masked LM reads a row's first seq_len tokens, masked, and predicts the originals there.
+            x, y = self.masking.apply(rows[:, :L].astype(np.int64), first + np.arange(len(rows)))
+            x, y = torch.from_numpy(x), torch.from_numpy(y)
+        elif self.contiguous:
             # For pinned memory and asynchronous copies to a GPU: two contiguous tensors.
             x, y = torch.from_numpy(rows[:, :L].astype(np.int64)), torch.from_numpy(rows[:, 1:L + 1].astype(np.int64))
         else:
@@ -371,7 +380,7 @@ class TokenStream(IterableDataset):
                 errors["events"] += cursor.policy.events
                 cursor.policy.events = []
         if bad is not None and bad.any():
-            if not self.contiguous:
+            if not self.contiguous and self.masking is None:
                 y = y.clone()  # inputs and targets overlap in `tokens`: mask them apart
             mask = torch.from_numpy(bad)
             y[mask] = IGNORE_INDEX

@@ -18,6 +18,7 @@ import torch
 
 from distlm.config import BatchLayout, Config, ConfigError, data_sources
 from distlm.data.blend import Source
+from distlm.data.masking import masking_for
 from distlm.data.stream import TokenStream
 from distlm.parallel.distributed import all_gather_objects, all_reduce_sum
 
@@ -67,22 +68,29 @@ def resume_plan(cfg: Config, saved: dict, rows_consumed: int, log: Callable[[str
     return ResumePlan((rows_consumed, counts), keys)
 
 
+def _objective(stream: TokenStream, cfg: Config) -> TokenStream:
+    """Masked LM: the stream masks its rows (seeded by data.seed and each row's position)."""
+    stream.masking = masking_for(cfg.model.objective, stream.manifest, cfg.model.mask_prob, cfg.data.seed)
+    return stream
+
+
 def train_stream(cfg: Config, layout: BatchLayout, rank: int, rows_consumed: int, plan: ResumePlan,
                  contiguous: bool = False) -> TokenStream:
     d = cfg.data
-    return TokenStream(data_sources(d), "train", micro_batch_size=layout.micro_batch_size, dp_rank=rank,
+    return _objective(TokenStream(data_sources(d), "train", micro_batch_size=layout.micro_batch_size, dp_rank=rank,
                        dp_size=layout.dp, seed=d.seed, shuffle_blocks=d.shuffle_blocks, start_row=rows_consumed,
                        seq_len=cfg.train.seq_len, on_error=d.on_error, max_error_rate=d.max_error_rate,
                        allow_pipe=d.allow_pipe, blend_base=plan.blend_base, seed_keys=plan.seed_keys,
-                       contiguous=contiguous)
+                       contiguous=contiguous), cfg)
 
 
 def val_stream(cfg: Config, layout: BatchLayout, rank: int, split: str = "val") -> TokenStream:
     """The held-out rows in file order; several sources are blended with their training weights."""
     d = cfg.data
-    return TokenStream(data_sources(d), split, micro_batch_size=layout.micro_batch_size, dp_rank=rank,
-                       dp_size=layout.dp, seed=d.seed, shuffle=False, seq_len=cfg.train.seq_len,
-                       on_error=d.on_error, max_error_rate=d.max_error_rate, allow_pipe=d.allow_pipe)
+    return _objective(TokenStream(data_sources(d), split, micro_batch_size=layout.micro_batch_size, dp_rank=rank,
+                                  dp_size=layout.dp, seed=d.seed, shuffle=False, seq_len=cfg.train.seq_len,
+                                  on_error=d.on_error, max_error_rate=d.max_error_rate,
+                                  allow_pipe=d.allow_pipe), cfg)
 
 
 def data_state(stream: TokenStream, rows_consumed: int, errors: Optional[dict] = None) -> dict:

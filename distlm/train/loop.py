@@ -18,6 +18,7 @@ import torch
 from distlm.checkpoint.state import TrainState, saved_record
 from distlm.config import Config, ConfigError, data_sources, save_config, to_dict, validate
 from distlm.data import load_manifest, make_loader
+from distlm.data.masking import model_vocab_for_mlm
 from distlm.data.shards import ShardError
 from distlm.checkpoint.select import step_of
 from distlm.fault import exit_codes, inject
@@ -29,7 +30,7 @@ from distlm.parallel import launch_env
 from distlm.parallel.distributed import all_reduce_mean, init_distributed, shutdown_distributed
 from distlm.parallel.layout import Layout, ParallelGroups, ranks_per_node_from_env
 from distlm.train.engine import build_engine, set_learning_rate
-from distlm.train.checkpointing import choose_resume, make_saver, resume
+from distlm.train.checkpointing import choose_resume, initialise_from, make_saver, resume
 from distlm.train.data import DataCounters, DataDigest, align_skipped_rows, data_state, resume_plan, train_stream
 from distlm.train.evaluate import evaluate
 from distlm.train.layout_report import LayoutReport
@@ -56,12 +57,15 @@ def resolve_from_data(cfg: Config) -> tuple[Config, bool]:
         except (FileNotFoundError, ValueError, ShardError) as e:
             raise ConfigError(f"data source {src.label} ({src.path}): {e}") from None
     vocab = max(m.vocab_size for _, m in manifests)
+    if cfg.model.objective == "mlm":  # the mask id may be one the tokenizer lacks: an extra row
+        vocab = max(model_vocab_for_mlm(m.tokenizer, m.vocab_size) for _, m in manifests)
     shortest = min(manifests, key=lambda sm: sm[1].seq_len)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab
     elif cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's "
-                          f"tokenizer ({vocab} ids in the manifest of {manifests[0][0].path})")
+                          f"tokenizer ({vocab} ids in the manifest of {manifests[0][0].path}"
+                          + (", with the added mask id" if cfg.model.objective == "mlm" else "") + ")")
     if cfg.train.seq_len is None:
         cfg.train.seq_len = shortest[1].seq_len
     elif cfg.train.seq_len > shortest[1].seq_len:
@@ -144,6 +148,10 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
 
     rng = seed_random(cfg.train.seed, groups, ctx.device)
     model = build_model(cfg, groups, rng)
+    if cfg.train.init_from and resume_from is None:  # fine-tuning: pretrained weights, all else fresh
+        initialise_from(cfg.train.init_from, model, cfg, groups, ctx, log.info)
+    elif cfg.train.init_from:
+        log.info(f"train.init_from={cfg.train.init_from} is not read: the run resumes from its own {resume_from}")
     n_params = full_model_params(cfg)
     report = LayoutReport(cfg, groups, batch, model, log.info)  # before ZeRO-3 partitions the weights
     guard = supervisor.guard  # vetoes NaN/Inf and spiking updates from inside the optimizer step
