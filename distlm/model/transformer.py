@@ -256,6 +256,9 @@ class Attention(nn.Module):
 
     Under tensor parallelism each rank holds n_heads/tp query heads and n_kv_heads/tp kv heads,
     in order, so query head h still reads kv head h // group on the rank that holds both.
+
+    For generation, ``cache`` is this layer's slot of a KV cache (see ``Transformer.features``):
+    the new tokens' keys and values are appended to it and the queries attend to all of them.
     """
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup, rotary: RotaryCache | None, rng: TPRandom | None):
@@ -275,10 +278,16 @@ class Attention(nn.Module):
         self.o_proj = row_linear(cfg.d_model, cfg.d_model, cfg.bias, tp)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """``keep``: None, or a bool mask [B, T] of the real tokens (False: padding, never attended to)."""
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """``keep``: None, or a bool mask [B, T] of the real tokens (False: padding, never attended to).
+
+        ``cache``: None, or an object with ``start`` (tokens already cached: ``x`` holds positions
+        start..start+T-1) and ``update(k, v)`` (stores them, returns the keys and values of all
+        start+T positions).
+        """
         x = enter_tp_region(x, self.tp)
         B, T, _ = x.shape
+        start = 0 if cache is None else cache.start
         # [B, T, heads*hd] -> [B, heads, T, hd]: SDPA attends over the second-to-last dim.
         # The head count is read from the projection's output: a tensor-parallel linear
         # returns only this rank's heads.
@@ -286,8 +295,12 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
-            cos, sin = self.rotary.tables(T, x.device)
+            cos, sin = self.rotary.tables(start + T, x.device)
+            if start:
+                cos, sin = cos[start:], sin[start:]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
         gqa = {}
         if k.shape[1] != q.shape[1]:
             # Query head h reads kv head h // group: kv heads repeat in place, not tile.
@@ -298,11 +311,29 @@ class Attention(nn.Module):
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         dropout = self.dropout if self.training else 0.0
         mask = None if keep is None else attention_mask(keep, self.causal)
+        if start:
+            mask = self._cached_mask(keep, T, start, x.device)
+        # With cached keys SDPA's is_causal would align the queries with the first keys, not the last.
+        is_causal = self.causal and mask is None and not start
         with self.rng.fork() if (dropout and self.rng is not None) else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                dropout_p=dropout, **gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return sequence_dropout(self.resid_dropout, self.o_proj(y), self.tp, self.rng)
+
+    def _cached_mask(self, keep: torch.Tensor | None, T: int, start: int,
+                     device: torch.device) -> torch.Tensor | None:
+        """The mask of T new queries over start+T keys: query i is position start+i.
+
+        None when every query may see every key: one new token (the usual decoding step) of a
+        causal model, or any chunk of a bidirectional one.
+        """
+        if keep is not None:
+            raise ValueError("a padding mask (keep) cannot be combined with a KV cache that already "
+                             "holds tokens; generate from unpadded prompts")
+        if not self.causal or T == 1:
+            return None
+        return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
 
 
 class MLP(nn.Module):
@@ -345,8 +376,9 @@ class Block(nn.Module):
         self.norm2 = make_norm(cfg, tp)
         self.mlp = MLP(cfg, tp, rng)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), keep)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """``cache``: this layer's slot of a KV cache when generating (see ``Attention.forward``)."""
+        x = x + self.attn(self.norm1(x), keep, cache)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -359,7 +391,8 @@ class Positions(nn.Module):
 
     With rotary positions there is nothing to add here: the blocks rotate queries and keys.
     Under sequence parallelism the embeddings arrive as this rank's chunk of the sequence, and
-    the positions are those of the chunk.
+    the positions are those of the chunk. When generating with a KV cache, ``start`` is the
+    position of the first embedding (the tokens before it are cached).
     """
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None, rng: TPRandom | None = None):
@@ -374,14 +407,14 @@ class Positions(nn.Module):
             self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
         self.emb_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         T = x.shape[1]
-        start = 0
+        end = start + T  # one past the last position of the whole sequence
         if self.tp.sequence_parallel:
-            start, T = self.tp.rank * T, T * self.tp.size
-        if T > self.max_seq_len:
-            raise ValueError(f"input has {T} tokens, more than model.max_seq_len={self.max_seq_len}")
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+            start, end = start + self.tp.rank * T, start + T * self.tp.size
+        if end > self.max_seq_len:
+            raise ValueError(f"input has {end} tokens, more than model.max_seq_len={self.max_seq_len}")
+        positions = torch.arange(start, start + T, device=x.device)
         if self.kind == "learned":
             x = x + F.embedding(positions, _replicated(self.pos_emb.weight, self.tp))
         elif self.kind == "sinusoidal":
@@ -481,18 +514,30 @@ class Transformer(nn.Module):
         # The Transformer's own names are the canonical ones (pipeline stages map theirs to these).
         init_weights(self, self.cfg, seed_from_torch() if seed is None else seed, lambda name: name)
 
-    def features(self, tokens: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def features(self, tokens: torch.Tensor, keep: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """The final-normed hidden states [B, T, d_model]: what the LM head (or a task head) reads.
 
         ``keep``: a bool mask [B, T] of the real tokens of a right-padded batch; padding is never
         attended to (None: every position is real).
+
+        ``cache``: None (training, scoring: the whole sequence at once), or a KV cache for
+        generation (:class:`distlm.tasks.generate.KVCache`): ``tokens`` then continue the
+        ``cache.length`` tokens it holds, whose keys and values are reused instead of recomputed,
+        and are added to it. It needs ``cache.length``, ``cache.layers[i]`` (layer i's slot, see
+        ``Attention.forward``) and ``cache.advance(T)``.
         """
-        x = self.positions(self.tok_emb(tokens))
-        for block in self.blocks:
-            if self.checkpoint_activations and self.training:
-                x = self.recompute(block, x, keep)
-            else:
-                x = block(x, keep)
+        if cache is None:
+            x = self.positions(self.tok_emb(tokens))
+            for block in self.blocks:
+                if self.checkpoint_activations and self.training:
+                    x = self.recompute(block, x, keep)
+                else:
+                    x = block(x, keep)
+            return self.head.norm_f(x)
+        x = self.positions(self.tok_emb(tokens), cache.length)
+        for block, slot in zip(self.blocks, cache.layers, strict=True):
+            x = block(x, keep, slot)
+        cache.advance(tokens.shape[1])
         return self.head.norm_f(x)
 
     def logits_of(self, features: torch.Tensor) -> torch.Tensor:
@@ -501,8 +546,8 @@ class Transformer(nn.Module):
             return tied_logits(features, self.tok_emb, self.tp)
         return self.head.lm_head(enter_tp_region(features, self.tp))
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.logits_of(self.features(tokens))
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        logits = self.logits_of(self.features(tokens, cache=cache))
         if targets is None:
             return logits
         return lm_loss(logits, targets, self.tp)
