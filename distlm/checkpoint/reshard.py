@@ -90,10 +90,10 @@ def _expected_full_shape(p, tp_size: int) -> torch.Size:
     return torch.Size(shape)
 
 
-def _does_not_fit(name: str, p, weights: _SavedTensors, optim: _SavedTensors, tp_size: int) -> Optional[str]:
+def _does_not_fit(name: str, p, weights: _SavedTensors, optim: Optional[_SavedTensors], tp_size: int) -> Optional[str]:
     if getattr(p, "tensor_model_parallel", False) and int(getattr(p, "tp_size", tp_size)) != tp_size:
         return f"{name} is cut into {p.tp_size} slices, the layout into tp={tp_size}"
-    for saved in (weights, optim):
+    for saved in (weights, optim) if optim is not None else (weights,):
         problem = saved.check(name)
         if problem:
             return problem
@@ -107,6 +107,8 @@ def _does_not_fit(name: str, p, weights: _SavedTensors, optim: _SavedTensors, tp
     if torch.Size(shape) != want:
         return (f"{weights.name_of(stage, 0)} holds {name} with the one-process shape {tuple(shape)}, this "
                 f"model's is {tuple(want)}: the checkpoint is of another model")
+    if optim is None:
+        return None
     moment_shape = optim.file(optim.stage_of[name], 0)[MOMENTS[0]][name].shape
     if moment_shape != first["tensors"][name].shape:
         return (f"{optim.name_of(optim.stage_of[name], 0)} holds moments of {name} of shape {tuple(moment_shape)}, "
@@ -195,3 +197,43 @@ def load_resharded(engine, named_params: Iterable[tuple[str, torch.nn.Parameter]
         log(f"resharded {folder.name}: saved by tp {weights.tp} x pp {weights.pp}, loaded into "
             f"{groups.layout.describe()} ({type(engine.optimizer).__name__}); Adam step {step}")
     return step
+
+
+def load_weights(named_params: Iterable[tuple[str, torch.nn.Parameter]], groups, folder: str | Path,
+                 log: Callable[[str], None] = print) -> int:
+    """Set this rank's parameters from the model files in ``folder`` (fine-tuning); return their count.
+
+    Weights only: no optimizer state, no step, no random state. Call it on the module before the
+    engine is built (which then takes its fp32 masters, bf16 copies and ZeRO partitions from
+    it), on every rank: like :func:`load_resharded` it is a collective that fails on every rank
+    together, naming each parameter that does not fit.
+    """
+    from distlm.parallel.distributed import all_gather_objects
+
+    folder = Path(folder)
+    load = _mmap_loader(folder)
+    tp_rank, tp_size = groups.coords.tp_rank, groups.layout.tp
+    named = list({name: p for name, p in named_params}.items())  # a tied tensor once
+    problems: list[str] = []
+    weights = None
+    try:
+        weights = _SavedTensors(shard_file, ("tensors",), load)
+        problems = [msg for msg in (_does_not_fit(name, p, weights, None, tp_size) for name, p in named) if msg]
+    except Exception as e:  # reported on every rank below, so none is left waiting in the exchange
+        problems.append(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}")
+    gathered = all_gather_objects((problems, [name for name, _ in named]))
+    errors = sorted({msg for probs, _ in gathered for msg in probs})
+    if errors:
+        shown = "; ".join(errors[:6]) + (f"; and {len(errors) - 6} more" if len(errors) > 6 else "")
+        raise CheckpointError(f"train.init_from={folder}: its weights do not fit this model: {shown}. "
+                              f"Keep the model.* sizes of the pretrained run (d_model, n_layers, n_heads, "
+                              f"vocab_size, max_seq_len with learned positions, ...)")
+    used = {name for _, names in gathered for name in names}
+    unused = sorted(set(weights.stage_of) - used)
+    if unused:
+        raise CheckpointError(f"train.init_from={folder} holds parameters this model does not have: {unused[:8]}"
+                              f"{' ...' if len(unused) > 8 else ''}: the checkpoint is of another model")
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(_my_slice(weights.full("tensors", name), p, tp_rank, tp_size))
+    return len(named)

@@ -113,6 +113,46 @@ def resume(path: Path, engine, model, cfg: Config, groups: ParallelGroups, ctx: 
     return state
 
 
+def initialise_from(path: str, model, cfg: Config, groups: ParallelGroups, ctx: DistContext,
+                    log: Callable[[str], None]) -> Path:
+    """Fine-tuning: this rank's weights from the checkpoint ``path`` (any layout), nothing else.
+
+    Rank 0 finds and verifies the checkpoint (hashes); every rank then reads the slices it holds.
+    Call before the engine is built: the optimizer starts fresh from these weights.
+    """
+    from distlm.checkpoint.pretrained import resolve_checkpoint
+    from distlm.checkpoint.reshard import load_weights
+
+    folder = Path(_on_main(ctx, lambda: str(resolve_checkpoint(path, log))))
+    try:
+        count = load_weights(canonical_params(model, cfg, groups), groups, folder, log)
+    except CheckpointError as e:
+        differ = _model_keys_that_differ(folder, cfg)
+        raise CheckpointError((f"the pretrained model has {', '.join(differ)}: " if differ else "") + str(e)) from None
+    log(f"fine-tuning from {folder}: {count} weight tensors loaded (train.init_from); the optimizer, "
+        f"step and data position start fresh")
+    return folder
+
+
+# The model keys that decide the shapes of the weights (objective may differ: mlm adds a mask row).
+_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "mlp", "norm", "pos", "bias",
+               "tie_embeddings")
+
+
+def _model_keys_that_differ(folder: Path, cfg: Config) -> list[str]:
+    from distlm.checkpoint.pretrained import saved_config
+
+    try:
+        saved = saved_config(folder).get("model", {})
+    except CheckpointError:
+        return []
+    mine = to_dict(cfg)["model"]
+    keys = [k for k in _SHAPE_KEYS if k in saved and saved[k] != mine.get(k)]
+    if saved.get("pos") == mine.get("pos") == "learned" and saved.get("max_seq_len") != mine.get("max_seq_len"):
+        keys.append("max_seq_len")
+    return [f"model.{k}={saved[k]} (this config: {mine.get(k)})" for k in keys]
+
+
 def canonical_params(model, cfg: Config, groups: ParallelGroups) -> list:
     """(name in the one-process Transformer, parameter) for this rank's parameters."""
     if groups.layout.pp == 1:
