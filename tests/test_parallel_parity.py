@@ -51,7 +51,7 @@ CASES.update({
     "gpt2-tp2-dp2-seqpar": ("gpt2", (2, 1, 2), ["parallel.sequence_parallel=true"]),
     "gpt2-tp2-pp2-seqpar": ("gpt2", (2, 2, 1), ["parallel.sequence_parallel=true"]),
     # masked LM: bidirectional attention, and every rank of a replica must mask its rows alike
-    "mlm-tp2-pp2-dp2": ("mlm", (2, 2, 2), []),
+    "mlm-tp2-pp2": ("mlm", (2, 2, 1), []),
 })
 # The byte tokenizer's 257 ids plus the added mask id: 258 again.
 ARCH = {"llama": LLAMA, "gpt2": GPT2, "mlm": LLAMA + ["model.objective=mlm"]}
