@@ -44,12 +44,12 @@ def _val(run_dir) -> float:
 def test_fine_tuning_beats_training_from_scratch(halves, tmp_path):
     first, second = halves
     pretrained = tmp_path / "pretrained"
-    _train(first, pretrained, 300)
+    _train(first, pretrained, 200)
 
     tuned, scratch = tmp_path / "tuned", tmp_path / "scratch"
     out = _train(second, tuned, FINE_TUNE_STEPS, [f"train.init_from={pretrained}", "parallel.tp=2"], nproc=2).stdout
     _train(second, scratch, FINE_TUNE_STEPS)
-    assert "fine-tuning from" in out and "step-00000300" in out, out[-3000:]
+    assert "fine-tuning from" in out and "step-00000200" in out, out[-3000:]
     # a fresh run: its own step count and schedule (warmup from 0), not the pretraining's
     rows = step_rows(tuned)
     assert [r["step"] for r in rows] == list(range(10, FINE_TUNE_STEPS + 1, 10))
@@ -74,9 +74,3 @@ def test_init_from_another_model_names_what_does_not_fit(halves, tmp_path, char_
     assert "train.init_from=" in result.stdout and "do not fit this model" in result.stdout
     assert "model.d_model=64 (this config: 32)" in result.stdout  # the keys that differ, then the tensors
     assert "blocks.0.attn.q_proj.weight" in result.stdout
-
-
-def test_init_from_a_missing_checkpoint_is_a_clear_error(halves, tmp_path):
-    first, _ = halves
-    result = _train(first, tmp_path / "run", 5, [f"train.init_from={tmp_path / 'nowhere'}"], check=False)
-    assert result.returncode == 4 and "nowhere: no such checkpoint" in result.stdout, result.stdout[-3000:]
