@@ -52,26 +52,12 @@ def _resolve_step_folder(path: str | os.PathLike, log: Callable[[str], None] = p
     damaged checkpoint is an error, not a silent export of an older one.
     """
     from distlm.checkpoint.errors import CheckpointError
-    from distlm.checkpoint.manifest import MANIFEST
-    from distlm.checkpoint.select import find_resume
+    from distlm.checkpoint.pretrained import resolve_checkpoint
 
-    path = Path(path)
-    if not path.exists():
-        raise ExportError(f"{path}: no such checkpoint (give a checkpoint step folder, a checkpoints "
-                          f"folder with a 'latest' file, or a run folder)")
-    if (path / MANIFEST).is_file() or (path / MARKER).is_file():
-        resume, ckpt_dir = str(path), path.parent
-    else:
-        if (path / "checkpoints").is_dir() and not (path / "latest").exists():
-            path = path / "checkpoints"
-        resume, ckpt_dir = "auto", path
     try:
-        folder = find_resume(resume, ckpt_dir, verify="hash", on_damaged="fail", log=log)
+        return resolve_checkpoint(path, log)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
-    if folder is None:
-        raise ExportError(f"{path} holds no finished checkpoint (no step folder with a {MANIFEST})")
-    return folder
 
 
 # --------------------------------------------------------------------------- checks

@@ -129,6 +129,28 @@ def _mmap_loader(folder: Path) -> Callable[[str], dict]:
     return load
 
 
+def _agree_on_fit(problems: list[str], named: list, weights: Optional[_SavedTensors], source: str, failure: str,
+                  advice: str = "") -> None:
+    """Exchange every rank's problems and parameter names; raise the same CheckpointError on all of them.
+
+    A collective: each rank calls it, with or without problems, so none is left waiting when
+    another finds the checkpoint does not fit. Parameters the checkpoint holds that no rank
+    uses mean it is of another model.
+    """
+    from distlm.parallel.distributed import all_gather_objects
+
+    gathered = all_gather_objects((problems, [name for name, _ in named]))
+    errors = sorted({msg for probs, _ in gathered for msg in probs})
+    if errors:
+        shown = "; ".join(errors[:6]) + (f"; and {len(errors) - 6} more" if len(errors) > 6 else "")
+        raise CheckpointError(f"{failure}: {shown}{advice}")
+    used = {name for _, names in gathered for name in names}
+    unused = sorted(set(weights.stage_of) - used)
+    if unused:
+        raise CheckpointError(f"{source} holds parameters this model does not have: {unused[:8]}"
+                              f"{' ...' if len(unused) > 8 else ''}: the checkpoint is of another model")
+
+
 def load_resharded(engine, named_params: Iterable[tuple[str, torch.nn.Parameter]], groups, folder: str | Path,
                    log: Callable[[str], None] = print, *, load_file: Optional[Callable[[str], dict]] = None) -> int:
     """Set this rank's weights and AdamW state from the canonical files in ``folder``; return the Adam step.
@@ -143,8 +165,6 @@ def load_resharded(engine, named_params: Iterable[tuple[str, torch.nn.Parameter]
     The engine must not have stepped since it was built, or must be on the same footing: the
     optimizer state is created where torch's AdamW has none yet, and overwritten where it has.
     """
-    from distlm.parallel.distributed import all_gather_objects
-
     folder = Path(folder)
     load = load_file or _mmap_loader(folder)
     tp_rank, tp_size = groups.coords.tp_rank, groups.layout.tp
@@ -172,16 +192,7 @@ def load_resharded(engine, named_params: Iterable[tuple[str, torch.nn.Parameter]
     except Exception as e:  # reported on every rank below, so none is left waiting in the exchange
         problems.append(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}")
 
-    gathered = all_gather_objects((problems, [name for name, _ in named]))
-    errors = sorted({msg for probs, _ in gathered for msg in probs})
-    if errors:
-        shown = "; ".join(errors[:6]) + (f"; and {len(errors) - 6} more" if len(errors) > 6 else "")
-        raise CheckpointError(f"cannot load {folder} on {groups.layout.describe()}: {shown}")
-    used = {name for _, names in gathered for name in names}
-    unused = sorted(set(weights.stage_of) - used)
-    if unused:
-        raise CheckpointError(f"{folder} holds parameters this model does not have: {unused[:8]}"
-                              f"{' ...' if len(unused) > 8 else ''}: the checkpoint is of another model")
+    _agree_on_fit(problems, named, weights, str(folder), f"cannot load {folder} on {groups.layout.describe()}")
 
     step = int(next(iter(steps)))
     access = OptimizerAccess(engine.optimizer, [p for _, p in named])
@@ -208,8 +219,6 @@ def load_weights(named_params: Iterable[tuple[str, torch.nn.Parameter]], groups,
     it), on every rank: like :func:`load_resharded` it is a collective that fails on every rank
     together, naming each parameter that does not fit.
     """
-    from distlm.parallel.distributed import all_gather_objects
-
     folder = Path(folder)
     load = _mmap_loader(folder)
     tp_rank, tp_size = groups.coords.tp_rank, groups.layout.tp
@@ -221,18 +230,10 @@ def load_weights(named_params: Iterable[tuple[str, torch.nn.Parameter]], groups,
         problems = [msg for msg in (_does_not_fit(name, p, weights, None, tp_size) for name, p in named) if msg]
     except Exception as e:  # reported on every rank below, so none is left waiting in the exchange
         problems.append(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}")
-    gathered = all_gather_objects((problems, [name for name, _ in named]))
-    errors = sorted({msg for probs, _ in gathered for msg in probs})
-    if errors:
-        shown = "; ".join(errors[:6]) + (f"; and {len(errors) - 6} more" if len(errors) > 6 else "")
-        raise CheckpointError(f"train.init_from={folder}: its weights do not fit this model: {shown}. "
-                              f"Keep the model.* sizes of the pretrained run (d_model, n_layers, n_heads, "
-                              f"vocab_size, max_seq_len with learned positions, ...)")
-    used = {name for _, names in gathered for name in names}
-    unused = sorted(set(weights.stage_of) - used)
-    if unused:
-        raise CheckpointError(f"train.init_from={folder} holds parameters this model does not have: {unused[:8]}"
-                              f"{' ...' if len(unused) > 8 else ''}: the checkpoint is of another model")
+    _agree_on_fit(problems, named, weights, f"train.init_from={folder}",
+                  f"train.init_from={folder}: its weights do not fit this model",
+                  ". Keep the model.* sizes of the pretrained run (d_model, n_layers, n_heads, vocab_size, "
+                  "max_seq_len with learned positions, ...)")
     with torch.no_grad():
         for name, p in named:
             p.copy_(_my_slice(weights.full("tensors", name), p, tp_rank, tp_size))
