@@ -115,6 +115,49 @@ def test_byte_count_is_the_same_whatever_the_tokenizer():
     assert target_bytes(Decoding(), [[*by_bytes, byte.eos_id, -100]]) == expected + 1
 
 
+def test_byte_level_bpe_counts_every_byte_once_however_the_targets_are_cut(tmp_path):
+    """A byte-level BPE splits a rare character over tokens: rows cut between them, and a masked
+    LM's scattered targets, must still add up to the text's bytes (decoding a partial character
+    alone would count a 3-byte U+FFFD instead)."""
+    import random
+
+    import numpy as np
+
+    from distlm.data.tokenizer_train import train_bpe
+    from distlm.data.tokenizers import load_tokenizer
+
+    rng = random.Random(0)
+    # Rare CJK characters (3 bytes each, seldom merged) among ASCII words.
+    text = "".join(chr(rng.randint(0x4E00, 0x9FFF)) if rng.random() < 0.3 else rng.choice("ab cd") for _ in range(600))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text, encoding="utf-8")
+    train_bpe([corpus], tmp_path / "bpe.json", 300, log=lambda *_: None)
+    bpe = load_tokenizer(tmp_path / "bpe.json")
+    ids = np.append(bpe.encode(text).astype(np.int64), bpe.eos_id)
+    total = len(text.encode("utf-8")) + 1  # and EOS as one byte
+    assert len(ids) > len(text) // 2  # many characters span several tokens
+    assert target_bytes(bpe, [ids]) == total
+    assert target_bytes(bpe, [ids[i:i + 7] for i in range(0, len(ids), 7)]) == total  # rows of 7 tokens
+    chosen = np.random.default_rng(0).random(len(ids)) < 0.15  # the targets a masked LM scores, and the rest
+    assert target_bytes(bpe, [np.where(chosen, ids, -100)]) + target_bytes(bpe, [np.where(chosen, -100, ids)]) == total
+    for special in (bpe.bos_id, bpe.pad_id, bpe.mask_id):
+        assert target_bytes(bpe, [[special]]) == 0
+
+
+def test_a_tiny_or_empty_text(char_checkpoint, tmp_path):
+    from distlm.data.inputs import InputError
+
+    short = tmp_path / "short.txt"
+    short.write_text("To be", encoding="utf-8")  # one row, mostly padding: 5 characters + EOS, 5 predicted
+    result = evaluate(char_checkpoint, short)
+    assert (result["rows"], result["tokens"], result["bytes"]) == (1, 5, 5)
+    assert math.isfinite(result["loss"]) and result["complete"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(InputError, match="1 token.*empty text"):
+        evaluate(char_checkpoint, empty)
+
+
 @pytest.fixture(scope="module")
 def byte_data(tmp_path_factory):
     """A few KB of Shakespeare with multi-byte characters, as byte-level shards (rows of 32)."""
@@ -140,7 +183,8 @@ def train_tiny(run_dir: Path, data: Path, *overrides: str) -> Path:
 
 def test_bits_per_byte_of_a_byte_level_model_is_its_loss(byte_data, tmp_path):
     text, shards = byte_data
-    run_dir = train_tiny(tmp_path / "run", shards)
+    # Trained from data.sources (not data.path): the text's tokenizer is found through them too.
+    run_dir = train_tiny(tmp_path / "run", shards, "data.path=null", f"data.sources=[{{path: {shards}}}]")
     result = evaluate(run_dir, text, batch_size=16)
     n_bytes = len(text.read_bytes())
     assert any(ord(c) > 127 for c in text.read_text(encoding="utf-8"))

@@ -138,6 +138,34 @@ def test_filter_logits_keeps_the_nucleus():
     assert kept(filter_logits(logits, 1.0, top_p=0.8)) == [True, True, False, False, False]
     assert kept(filter_logits(logits, 1.0, top_p=0.95)) == [True, True, True, False, False]
     assert kept(filter_logits(logits, 1.0, top_k=3, top_p=1.0)) == [True, True, True, False, False]
+    # Unsorted rows, each filtered on its own; the kept logits are the scaled ones.
+    rows = torch.tensor([[0.0, 2.0, 1.0, 3.0], [3.0, 0.0, 1.0, 2.0]])
+    out = filter_logits(rows, 0.5, top_k=2)
+    assert torch.isfinite(out).tolist() == [[False, True, False, True], [True, False, False, True]]
+    torch.testing.assert_close(out[torch.isfinite(out)], torch.tensor([4.0, 6.0, 6.0, 4.0]))
+    # Ties: four tokens of 1/4 each. Exactly 0.5 is reached by two of them; a bit more needs a third.
+    flat = torch.zeros(1, 4)
+    assert torch.isfinite(filter_logits(flat, 1.0, top_p=0.5)).sum() == 2
+    assert torch.isfinite(filter_logits(flat, 1.0, top_p=0.51)).sum() == 3
+    # top-p after top-k: the nucleus is taken in the renormalized top-k distribution.
+    assert kept(filter_logits(logits, 1.0, top_k=2, top_p=0.7)) == [True, False, False, False, False]
+    assert kept(filter_logits(logits, 1.0, top_k=2, top_p=0.75)) == [True, True, False, False, False]
+
+
+def test_padded_vocabulary_ids_are_never_drawn():
+    # A model whose table is padded past its tokenizer's ids: those rows decode to nothing.
+    model = random_model(torch.float32, init_std=0.05)
+    ids = prompt(4, B=3)
+    limit = 10
+    for options in ({"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.9}, {"temperature": 0}):
+        out = generate(model, ids, 30, generator=torch.Generator().manual_seed(0), vocab_size=limit, **options)
+        assert out.shape == (3, 30) and int(out.max()) < limit, options
+    free = generate(model, ids, 30, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert int(free.max()) >= limit  # without the limit they are drawn: the check above is not vacuous
+    with pytest.raises(ValueError, match="outside|0..36"):
+        generate(model, torch.tensor([[1, VOCAB]]), 3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        generate(model, ids, 3, vocab_size=VOCAB + 1)
 
 
 @pytest.mark.parametrize("settings, flag", [
@@ -156,14 +184,21 @@ def test_masked_lm_is_refused():
         generate(model, prompt(3), 5)
 
 
-def test_training_forward_unchanged_by_the_cache_arguments():
-    # cache=None is the training path: same loss and gradients as before, keep mask included.
-    model = random_model(torch.float32).train()
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_padding_is_never_attended_to(objective):
+    # cache=None is the training and scoring path; `keep` hides a right-padded row's tail, so its
+    # real positions come out as they do without the padding (under mlm they would see it otherwise).
+    model = random_model(torch.float64, objective=objective)
     ids = prompt(SEQ, B=2)
     keep = torch.ones_like(ids, dtype=torch.bool)
     keep[1, 20:] = False
-    assert torch.isfinite(model(ids, ids)).item()
-    assert model.features(ids, keep).shape == (2, SEQ, 32)
+    with torch.no_grad():
+        padded = model.features(ids, keep)
+        torch.testing.assert_close(padded[1, :20], model.features(ids[1:, :20])[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(padded[0], model.features(ids[:1])[0], rtol=1e-9, atol=1e-9)
+        assert torch.isfinite(padded).all()
+        if objective == "mlm":  # the test can fail: without the mask the padding changes the real positions
+            assert not torch.allclose(model.features(ids)[1, :20], padded[1, :20])
 
 
 def test_cli_end_to_end(char_checkpoint, tmp_path):
@@ -183,6 +218,18 @@ def test_cli_end_to_end(char_checkpoint, tmp_path):
     assert bad.returncode == 2 and "--top-p" in bad.stdout, bad.stdout
     missing = run_distlm(["generate", str(tmp_path / "nothing"), "--prompt", "x"], check=False, timeout=60)
     assert missing.returncode == 4 and "no such checkpoint" in missing.stdout, missing.stdout
+
+
+def test_cli_refuses_a_wrong_tokenizer_or_device(char_checkpoint, tmp_path, capsys):
+    from distlm.cli import main
+    from distlm.data.tokenizers import ByteTokenizer
+
+    wide = tmp_path / "byte.json"
+    ByteTokenizer().save(wide)  # 257 ids for a model of 66: its ids would index past the table
+    assert main(["generate", str(char_checkpoint), "--prompt", "x", "--tokenizer", str(wide), "--device", "cpu"]) == 2
+    assert "257 ids but the model only 66" in capsys.readouterr().err
+    assert main(["generate", str(char_checkpoint), "--prompt", "x", "--device", "gpu0"]) == 2
+    assert "--device gpu0" in capsys.readouterr().err
 
 
 def test_cli_json_and_empty_prompt(char_checkpoint, capsys):

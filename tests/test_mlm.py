@@ -90,6 +90,20 @@ def test_stream_masks_rows_alike_however_the_batch_is_split(shakespeare_char):
     assert (y != IGNORE_INDEX).any() and (x == 66).any()  # masked, with the added mask id
 
 
+def test_stream_masks_row_i_from_position_i(shakespeare_char):
+    """In file order (validation, `distlm eval`) row i of the split is masked from position i:
+    what `distlm eval` assumes when it masks a text file's row i itself."""
+    masking = MLMMasking.for_tokenizer(CHAR, 66, 0.15, 3)
+    plain = iter(TokenStream(str(shakespeare_char), "val", micro_batch_size=4, shuffle=False))
+    masked = iter(TokenStream(str(shakespeare_char), "val", micro_batch_size=4, shuffle=False, masking=masking))
+    for k in range(3):
+        rows = next(plain).inputs.numpy()
+        x, y, _ = next(masked)
+        want_x, want_y = masking.apply(rows, np.arange(4 * k, 4 * k + 4))
+        assert np.array_equal(x.numpy(), want_x) and np.array_equal(y.numpy(), want_y), k
+        assert (y != IGNORE_INDEX).any()
+
+
 def test_attention_is_bidirectional_for_mlm_only():
     """A later token changes an earlier position's output under mlm, never under clm."""
     tokens = torch.randint(0, 50, (1, 12))

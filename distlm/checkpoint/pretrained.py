@@ -127,7 +127,10 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = Transformer(cfg, seed=0)
     state = load_state(folder)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor of another shape than the saved config gives it
+        raise CheckpointError(f"{folder}: the model files do not fit the saved model config: {e}") from None
     if missing or unexpected:
         raise CheckpointError(f"{folder}: the model files do not fit the saved model config "
                               f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
@@ -153,4 +156,7 @@ def pick_device(requested: str = "auto") -> torch.device:
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"--device {requested}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CheckpointError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device

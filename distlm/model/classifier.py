@@ -34,8 +34,10 @@ def pool(hidden: torch.Tensor, keep: torch.Tensor, pooling: str) -> torch.Tensor
         last = keep.long().sum(dim=1).clamp(min=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     if pooling == "mean":
-        weights = keep.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        # Summed in float32 whatever the hidden states' dtype: a bf16 sum over hundreds of positions
+        # keeps about two significant digits.
+        weights = keep.to(torch.float32).unsqueeze(-1)
+        return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
     raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
 
 

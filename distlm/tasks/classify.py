@@ -8,13 +8,16 @@ a linear head (:mod:`distlm.model.classifier`). Texts are encoded with the check
 cut to ``--max-len`` tokens (keeping the start) and right-padded; padding is never attended to.
 Training runs in this one process (CPU or one GPU): AdamW on the body and the head (only the head
 with ``--freeze-body``), linear warmup then cosine or linear decay to zero, gradient clipping at
-1.0, and a fixed seed, so a run is reproducible.
+1.0, and a fixed seed, so a run is reproducible (bit for bit on the CPU; on a GPU the attention
+kernels' backward may differ in the last bits from run to run).
 
 Labels may be strings or integers; the class ids follow their sorted string forms, and
 ``classifier.json`` records them in class-id order. Held-out data is ``--val FILE`` or, by default,
 a seeded split of the training file (``--val-fraction``, 0.1), drawn from every class alike.
 
-``--out DIR`` receives ``classifier.safetensors`` (body + head), ``tokenizer.json``,
+``--out DIR`` (a new or empty folder, or an earlier classifier's, which is replaced: its
+``classifier.json`` is removed before training starts and written last, as the mark of a finished
+save) receives ``classifier.safetensors`` (body + head), ``tokenizer.json``,
 ``classifier.json`` (source checkpoint, labels, pooling, max_len, model config, final metrics) and
 ``metrics.jsonl`` (one line per evaluation). :func:`load_classifier` and :func:`predict` use them.
 
@@ -64,7 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     held.add_argument("--val-fraction", metavar="F", type=float, default=None,
                       help="share of --train held out when there is no --val, drawn from every class "
                            "alike with a seeded shuffle (default 0.1)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the classifier into")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to write the classifier into: new, empty, or an earlier classifier's (replaced)")
     p.add_argument("--text-field", metavar="NAME", default="text", help="JSON field holding the text (default text)")
     p.add_argument("--label-field", metavar="NAME", default="label",
                    help="JSON field holding the label (default label)")
@@ -312,15 +316,23 @@ def check_settings(steps, batch_size, lr, weight_decay, warmup_steps, decay, eva
 
 def resolve_device(requested: str):
     """The torch device for ``--device``; a ConfigError (exit 2) names the flag when it cannot be used."""
+    import torch
+
     from distlm.checkpoint.errors import CheckpointError
     from distlm.checkpoint.pretrained import pick_device
 
     try:
-        return pick_device(requested)
+        device = pick_device(requested)
     except CheckpointError as e:
         raise _config_error(str(e)) from None
     except RuntimeError:
         raise _config_error(f"--device {requested!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise _config_error(f"--device {requested!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise _config_error(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0")
+    return device
 
 
 def resolve_autocast(requested: str, device):
@@ -331,10 +343,15 @@ def resolve_autocast(requested: str, device):
         raise _config_error(f"--dtype must be auto, fp32 or bf16; got {requested!r}")
     if requested == "fp32":
         return None
+    # Native bfloat16 on the device that trains (Ampere and later): torch.cuda.is_bf16_supported()
+    # asks about the current device only, and also answers yes where bf16 is merely emulated (slowly).
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise _config_error(f"--dtype bf16: {device} does not support bfloat16; use --dtype fp32")
+        return torch.bfloat16 if native else None
+    if device.type == "cuda" and not native:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise _config_error(f"--dtype bf16: {device} (compute capability {major}.{minor}) has no native bfloat16; "
+                            f"use --dtype fp32")
     return torch.bfloat16
 
 
@@ -359,8 +376,7 @@ def finetune_classifier(ckpt: str | os.PathLike, train_path: str | os.PathLike, 
     if pooling not in ("auto", "last", "mean"):
         raise _config_error(f"--pooling must be auto, last or mean; got {pooling!r}")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise _config_error(f"--out {out} exists and is not a folder; name a folder to write the classifier into")
+    check_out_folder(out)
 
     # The data before torch and the checkpoint: a typo in a JSONL file is reported at once.
     train, val, labels = read_task(train_path, val_path, val_fraction, text_field, label_field, settings.seed)
@@ -397,6 +413,9 @@ def finetune_classifier(ckpt: str | os.PathLike, train_path: str | os.PathLike, 
         f"trained on {torch_device}{' in bf16' if autocast else ''}")
 
     out.mkdir(parents=True, exist_ok=True)
+    # An earlier classifier here stops being one now: its classifier.json must never sit next to
+    # this run's metrics and weights (a failed or killed run leaves no loadable mix of the two).
+    (out / META_FILE).unlink(missing_ok=True)
     metrics = train_classifier(model, train_ids, train_y, val_ids, val_y, settings, torch_device, autocast,
                                baseline, out / METRICS_FILE, log)
 
@@ -420,6 +439,25 @@ def finetune_classifier(ckpt: str | os.PathLike, train_path: str | os.PathLike, 
             "steps": settings.steps, "out": str(out), "from_scratch": settings.from_scratch,
             "checkpoint": str(pretrained.folder), "checkpoint_step": pretrained.step,
             "per_class_accuracy": metrics["per_class_accuracy"]}
+
+
+OUT_FILES = (WEIGHTS_FILE, META_FILE, TOKENIZER_FILE, METRICS_FILE)
+
+
+def check_out_folder(out: Path) -> None:
+    """``--out`` must be new, empty, or a classifier folder (which is then replaced): never a run,
+    checkpoint or data folder whose metrics.jsonl or tokenizer.json the classifier's would overwrite."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise _config_error(f"--out {out} exists and is not a folder; name a folder to write the classifier into")
+    ours = set(OUT_FILES) | {name + ".tmp" for name in OUT_FILES} | {TOKENIZER_FILE + ".save.tmp",
+                                                                   TOKENIZER_FILE + ".save.tmp.tmp"}
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in ours)
+    if foreign:
+        raise _config_error(f"--out {out} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}: it "
+                            f"is not a classifier folder (one written by distlm finetune-classify, which is "
+                            f"replaced); name a new or empty folder")
 
 
 def read_task(train_path, val_path, val_fraction: Optional[float], text_field: str, label_field: str,
@@ -629,6 +667,7 @@ def load_classifier(out_dir: str | os.PathLike, device: str = "cpu"):
     ``i`` is ``labels[i]``. Use :func:`predict` to classify texts.
     """
     import torch
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from distlm.checkpoint.errors import CheckpointError
@@ -641,24 +680,35 @@ def load_classifier(out_dir: str | os.PathLike, device: str = "cpu"):
     folder = Path(out_dir)
     try:
         meta = json.loads((folder / META_FILE).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"{META_FILE} holds a JSON {type(meta).__name__}, not an object")
         if meta.get("format") != FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format version {meta.get('version')!r}; this distlm reads version {FORMAT_VERSION}")
         cfg = ModelConfig(**meta["model"])
+        labels = [str(label) for label in meta["labels"]]
+        with torch.device("meta"):
+            body = Transformer(cfg, seed=0)
+            model = SequenceClassifier(body, len(labels), meta["pooling"], int(meta["max_len"]),
+                                       int(meta["pad_id"]), dropout=meta.get("head_dropout", HEAD_DROPOUT))
         state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
-        tokenizer = load_tokenizer(folder / meta.get("tokenizer", TOKENIZER_FILE))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        tokenizer_name = str(meta.get("tokenizer", TOKENIZER_FILE))
+        if Path(tokenizer_name).name != tokenizer_name:  # the folder's own file, never one elsewhere
+            raise ValueError(f"tokenizer {tokenizer_name!r} is not a file name in the folder")
+        tokenizer = load_tokenizer(folder / tokenizer_name)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise CheckpointError(f"{folder}: not a readable classifier folder ({type(e).__name__}: {e}); "
                               f"it is written by distlm finetune-classify") from None
-    with torch.device("meta"):
-        body = Transformer(cfg, seed=0)
-        model = SequenceClassifier(body, len(meta["labels"]), meta["pooling"], meta["max_len"], meta["pad_id"],
-                                   dropout=meta.get("head_dropout", HEAD_DROPOUT))
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a tensor of another shape than classifier.json's model and labels give
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: the weights do not fit {META_FILE}: {e}") from None
     if missing or unexpected:
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: the weights do not fit {META_FILE} "
                               f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
     _materialize_buffers(model.body, cfg)
-    return model.to(device).eval(), list(meta["labels"]), tokenizer
+    return model.to(device).eval(), labels, tokenizer
 
 
 def predict(model, tokenizer, texts: Sequence[str], batch_size: int = 64) -> list[int]:

@@ -20,12 +20,15 @@ shorter row is kept (its missing targets are padding that counts for nothing), s
 and the shards prepared from it agree on every full row and the text adds only its tail.
 
 Bits per byte makes models with different tokenizers comparable: it is the total nats over the
-predicted tokens / ln 2 / the UTF-8 bytes of those tokens' text. The bytes are counted per row,
-from the row's targets: exactly, token by token, for the byte and char tokenizers (a byte id is
-one byte; a character is its UTF-8 length), so a byte-level model has bits_per_byte x ln 2 ==
-loss; for BPE and SentencePiece by decoding each row's targets (a row cut inside a character
-or before a SentencePiece word's leading space is off by those few bytes). An EOS counts as one
-byte, as if it were the "\\n" that separates two documents of text; BOS/PAD/MASK count none.
+predicted tokens / ln 2 / the UTF-8 bytes of those tokens' text. The bytes are counted from
+the scored targets: exactly, token by token, for the byte and char tokenizers (a byte id is one
+byte; a character is its UTF-8 length), so a byte-level model has bits_per_byte x ln 2 == loss,
+and for byte-level BPE (GPT-2 style, ``distlm tokenizer train``), where each character of a
+token's string stands for one byte, so a row cut inside a character and a masked LM's scattered
+targets count what they hold. Other tokenizers (SentencePiece, other HF decoders) decode each
+row's targets (a row cut inside a character or before a SentencePiece word's leading space is
+off by those few bytes; a masked LM's scattered targets are decoded together). An EOS counts as
+one byte, as if it were the "\\n" that separates two documents of text; BOS/PAD/MASK count none.
 
 A masked-LM checkpoint (``model.objective=mlm``) is scored on BERT masking of every row (the
 config's ``model.mask_prob`` of the tokens chosen, 80% replaced by the mask id, 10% by a random
@@ -203,8 +206,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, split:
     else:
         source = shard_batches(data, split, model_len, batch_size, max_batches, explicit_len=seq_len is not None,
                                masking=(lambda m: mlm_masking(pre, m.tokenizer, m.vocab_size, mask_seed)) if mlm
-                               else None)
-        _check_tokenizers(pre, source.tokenizer, data)
+                               else None, check_tokenizer=lambda data_tok: _check_tokenizers(pre, data_tok, data))
         source.tokenizer = source.tokenizer or pre.tokenizer(tokenizer)
         _check_vocab(pre, source.tokenizer, data, tokenizer)
     totals = _score(pre.model, source, dev, progress)
@@ -303,13 +305,15 @@ def _check_vocab(pre, tok, data, override: Optional[str]) -> None:
 # ---------------------------------------------------------------------------------- data
 
 def shard_batches(data, split: str, seq_len: int, batch_size: int, max_batches: Optional[int],
-                  explicit_len: bool = False, masking: Optional[Callable] = None) -> Batches:
+                  explicit_len: bool = False, masking: Optional[Callable] = None,
+                  check_tokenizer: Optional[Callable] = None) -> Batches:
     """Every row of a dataset's ``split`` in file order, ``batch_size`` rows a batch (the last one shorter).
 
     Rows are cut to ``seq_len`` (the model's) as training cuts them; a dataset with shorter rows
     is read at its own length, unless ``--seq-len`` asked for more (an error). ``masking``:
     for a masked LM, ``manifest -> MLMMasking``; the stream masks row ``i`` from position ``i``
-    as the training run's validation stream does.
+    as the training run's validation stream does. ``check_tokenizer(the dataset's tokenizer or
+    None)`` runs first, so a dataset of another tokenizer is named as such before its masking fails.
     """
     from distlm.data.inputs import InputError
     from distlm.data.shards import load_manifest
@@ -325,6 +329,9 @@ def shard_batches(data, split: str, seq_len: int, batch_size: int, max_batches: 
     if split not in manifest.splits:
         raise InputError(f"--data {location} has no split {split!r}; its splits are: "
                          f"{', '.join(sorted(manifest.splits))} (pick one with --split)")
+    tokenizer = _local_tokenizer(location)
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer)
     if seq_len > manifest.seq_len:
         if explicit_len:
             raise InputError(f"--seq-len {seq_len}: rows of --data {location} hold only {manifest.seq_len} + 1 "
@@ -348,7 +355,7 @@ def shard_batches(data, split: str, seq_len: int, batch_size: int, max_batches: 
             keep = min(batch_size, rows - k * batch_size)
             yield micro.inputs[:keep], micro.targets[:keep], None
 
-    return Batches(batches, count, total, rows, seq_len, _local_tokenizer(location), location, split)
+    return Batches(batches, count, total, rows, seq_len, tokenizer, location, split)
 
 
 def _local_tokenizer(location: str):
@@ -410,7 +417,8 @@ def text_batches(path, tokenizer, seq_len: int, batch_size: int, max_batches: Op
     ids = text_tokens(path, tokenizer, add_bos)
     rows = text_rows(len(ids), seq_len)
     if rows == 0:
-        raise InputError(f"--data {path}: the text gives {len(ids)} token(s); at least 2 are needed to predict one")
+        raise InputError(f"--data {path}: the text gives {len(ids)} token(s), its closing EOS included (an empty "
+                         f"text gives only that EOS); at least 2 are needed to predict one")
     total = -(-rows // batch_size)
     count = min(total, max_batches or total)
     L = seq_len
@@ -444,8 +452,9 @@ def target_bytes(tokenizer, targets) -> int:
 
     ``targets``: ``[rows, T]`` ids (a tensor, or rows of any lengths); negative ids (not scored)
     count nothing.
-    Byte and char tokenizers are counted token by token (exact whatever cuts the rows); the
-    others by decoding each row's scored ids, an EOS written as one "\\n".
+    Byte, char and byte-level BPE tokenizers are counted token by token (exact whatever cuts the
+    rows, or picks the targets); the others by decoding each row's scored ids, an EOS written as
+    one "\\n".
     """
     import numpy as np
 
@@ -458,14 +467,59 @@ def target_bytes(tokenizer, targets) -> int:
 
 
 def _byte_table(tokenizer):
-    """Bytes of each id, where every id has a fixed text (byte, char); else None."""
+    """Bytes of each id, where every id has a fixed number of bytes (byte, char, byte-level BPE); else None."""
     import numpy as np
 
     if tokenizer.name == "byte":
         return np.ones(tokenizer.vocab_size, dtype=np.int64)  # ids 0..255 and EOS: one byte each
     if tokenizer.name == "char":
         return np.array([len(c.encode("utf-8")) for c in tokenizer.chars] + [1], dtype=np.int64)
+    if tokenizer.name == "hf":
+        key = getattr(tokenizer, "sha256", None)
+        if key is None:
+            return _byte_level_table(tokenizer)
+        if key not in _BYTE_LEVEL_TABLES:
+            _BYTE_LEVEL_TABLES[key] = _byte_level_table(tokenizer)
+        return _BYTE_LEVEL_TABLES[key]
     return None
+
+
+_BYTE_LEVEL_TABLES: dict = {}
+"""Byte tables of the HF tokenizers seen, by the tokenizer.json's SHA-256 (a vocabulary is read once)."""
+
+
+def _byte_level_table(tokenizer):
+    """Bytes of each id of a byte-level BPE (its decoder is HF's ``ByteLevel``); None for any other.
+
+    Such a tokenizer spells each byte with one of 256 characters, and its decoder turns each
+    character of a token's string back into that byte (a token with a character outside them, an
+    added token, is its own UTF-8): decoding a row gives exactly the sum of these, and a token
+    that holds part of a character counts its part, where decoding it alone or next to other
+    tokens' parts would give a 3-byte U+FFFD.
+    """
+    import numpy as np
+
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    if hf is None:
+        return None
+    try:
+        decoder = json.loads(hf.to_str()).get("decoder") or {}
+        from tokenizers.pre_tokenizers import ByteLevel
+    except (ValueError, ImportError):
+        return None
+    if decoder.get("type") != "ByteLevel":
+        return None
+    alphabet = set(ByteLevel.alphabet())
+    table = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for i in range(tokenizer.vocab_size):
+        token = hf.id_to_token(i)
+        if token:  # None: a gap in the ids, which no text encodes to
+            table[i] = len(token) if alphabet.issuperset(token) else len(token.encode("utf-8"))
+    for special in (tokenizer.bos_id, tokenizer.pad_id, tokenizer.mask_id):
+        if special is not None:
+            table[special] = 0  # decode drops them
+    table[tokenizer.eos_id] = 1  # written as the "\n" between documents
+    return table
 
 
 # ---------------------------------------------------------------------------------- scoring

@@ -249,7 +249,8 @@ def sample_next(logits, temperature: float, top_k: Optional[int], top_p: float, 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: float = 1.0, generator=None, use_cache: bool = True,
-             on_logits: Optional[Callable] = None, log: Optional[Callable[[str], None]] = None):
+             on_logits: Optional[Callable] = None, log: Optional[Callable[[str], None]] = None,
+             vocab_size: Optional[int] = None):
     """``max_new_tokens`` tokens continuing ``prompt_ids``: a LongTensor [B, max_new_tokens].
 
     ``prompt_ids``: [T] or [B, T] token ids, T >= 1 (start a document from the EOS id). A prompt
@@ -258,11 +259,16 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     reproducible samples. ``use_cache=False`` recomputes the whole context for every token (the
     reference the cache must match). ``on_logits(step, logits)`` sees the float32 next-token
     logits [B, V] before each draw; ``log`` gets a one-time note when the context is cropped.
+    ``vocab_size``: draw only ids below it (the tokenizer's vocabulary, when the model's table
+    was padded past it: those rows stand for no text and cannot be decoded).
     """
     import torch
 
     check_generative(model)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    model_vocab = model.cfg.vocab_size
+    if vocab_size is not None and not 1 <= vocab_size <= model_vocab:
+        raise ValueError(f"vocab_size={vocab_size} must be in 1..{model_vocab} (the model's vocabulary)")
     device = model.tok_emb.weight.device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
     if prompt.dim() == 1:
@@ -270,6 +276,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt_ids must be [T] or [B, T] with T >= 1 (start a document from the tokenizer's "
                          f"EOS id); got shape {tuple(prompt.shape)}")
+    # An id past the table is an IndexError on a CPU and a device-side assert (a dead CUDA context) on a GPU.
+    if int(prompt.min()) < 0 or int(prompt.max()) >= model_vocab:
+        raise ValueError(f"prompt_ids must be in 0..{model_vocab - 1} (the model's vocabulary); got ids from "
+                         f"{int(prompt.min())} to {int(prompt.max())}: was it encoded with another tokenizer?")
     B, T = prompt.shape
     was_training = model.training
     model.eval()
@@ -280,7 +290,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
             for step in range(max_new_tokens):
                 if on_logits is not None:
                     on_logits(step, logits)
-                token = sample_next(logits, temperature, top_k, top_p, generator)
+                drawable = logits if vocab_size is None else logits[:, :vocab_size]
+                token = sample_next(drawable, temperature, top_k, top_p, generator)
                 if step + 1 < max_new_tokens:
                     logits = context.push(token)
                 else:
@@ -339,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from distlm.checkpoint.pretrained import load_pretrained, pick_device
+    from distlm.config import ConfigError
 
     temperature = 0.0 if args.greedy else args.temperature
     check_sampling(args.max_new_tokens, temperature, args.top_k, args.top_p, args.num_samples)
@@ -346,12 +358,19 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except RuntimeError as e:  # torch's own message for a string that names no device
+        raise ConfigError(f"--device {args.device}: {e}; use auto, cpu, cuda or cuda:N") from None
     dtype = resolve_dtype(args.dtype, device)
     loaded = load_pretrained(args.checkpoint, device=device, dtype=dtype, log=log)
     model = loaded.model
     check_generative(model, str(loaded.folder))
     tokenizer = loaded.tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        flag = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"the tokenizer of {loaded.folder}'s dataset"
+        raise ConfigError(f"{flag} has {tokenizer.vocab_size} ids but the model only {model.cfg.vocab_size}: it is "
+                          f"not the tokenizer the model was trained with")
     prompt_ids = encode_prompt(tokenizer, args.prompt)
     log(f"generate: {loaded.folder} (step {loaded.step}), {model.num_params() / 1e6:.2f}M parameters, "
         f"{device}, {str(dtype).removeprefix('torch.')}, {'KV cache' if not args.no_kv_cache else 'no KV cache'}")
@@ -360,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = torch.as_tensor(prompt_ids, device=device)[None].expand(args.num_samples, -1)
     started = time.perf_counter()
     new = generate(model, prompt, args.max_new_tokens, temperature, args.top_k, args.top_p, generator,
-                   use_cache=not args.no_kv_cache, log=log)
+                   use_cache=not args.no_kv_cache, log=log, vocab_size=tokenizer.vocab_size)
     new = new.cpu()  # waits for the device: the time below is the generation's
     seconds = time.perf_counter() - started
     rate = args.max_new_tokens / seconds  # per sample; the batch makes num_samples times as many
