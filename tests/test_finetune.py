@@ -65,12 +65,37 @@ def test_fine_tuning_beats_training_from_scratch(halves, tmp_path):
     assert "is not read: the run resumes from its own" in again and f"at step {FINE_TUNE_STEPS}" in again, again[-3000:]
 
 
-def test_init_from_another_model_names_what_does_not_fit(halves, tmp_path, char_checkpoint):
-    """A checkpoint of a 64-wide model into a 32-wide one: refused on every rank, naming the tensors."""
+def test_init_from_another_model_names_what_differs(halves, tmp_path, char_checkpoint):
+    """Another width, and another norm (same shapes, another function): refused on both ranks, named."""
     first, _ = halves
     result = _train(first, tmp_path / "wrong", 5, [f"train.init_from={char_checkpoint}", "model.d_model=32",
-                                                   "model.n_heads=2"], check=False)
-    assert result.returncode == 4, result.stdout[-3000:]
-    assert "train.init_from=" in result.stdout and "do not fit this model" in result.stdout
-    assert "model.d_model=64 (this config: 32)" in result.stdout  # the keys that differ, then the tensors
-    assert "blocks.0.attn.q_proj.weight" in result.stdout
+                                                   "model.n_heads=2", "model.norm=rmsnorm"], nproc=2, check=False)
+    assert result.returncode != 0 and "exitcode: 4" in result.stdout, result.stdout[-3000:]  # torchrun's own is 1
+    assert result.stdout.count("the pretrained model is not this config's model") == 2  # each rank, none waiting
+    assert "model.d_model=64 (this config: 32)" in result.stdout
+    assert "model.norm=layernorm (this config: rmsnorm)" in result.stdout
+    assert "(this config: 64)" not in result.stdout  # max_seq_len is the same: not named
+
+
+def test_shape_check_names_the_tensors(halves, tmp_path):
+    """Below the config check, each tensor's shape is checked against this layout's slice."""
+    import torch
+
+    from distlm.checkpoint.errors import CheckpointError
+    from distlm.checkpoint.reshard import load_weights
+    from distlm.config import ModelConfig
+    from distlm.model import Transformer
+    from types import SimpleNamespace
+
+    first, _ = halves
+    pretrained = tmp_path / "pretrained"
+    _train(first, pretrained, 1, ["model.d_model=32", "model.n_heads=2"])
+    folder = pretrained / "checkpoints" / "step-00000001"
+    groups = SimpleNamespace(coords=SimpleNamespace(tp_rank=0), layout=SimpleNamespace(tp=1))  # one process
+    ok = Transformer(ModelConfig(vocab_size=66, max_seq_len=64, n_layers=2, d_model=32, n_heads=2), seed=5)
+    wide = Transformer(ModelConfig(vocab_size=66, max_seq_len=64, n_layers=2, d_model=64, n_heads=2), seed=5)
+    assert load_weights(ok.named_parameters(), groups, folder) == len(list(ok.parameters()))
+    saved = torch.load(folder / "model-stage00-tp00.pt", weights_only=True)["tensors"]
+    assert all(torch.equal(p, saved[n]) for n, p in ok.named_parameters())
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn\.q_proj\.weight with the one-process shape"):
+        load_weights(wide.named_parameters(), groups, folder)

@@ -97,7 +97,7 @@ def _one_process_model(run_dir) -> Transformer:
 def _val_rows(data_dir, arch: str) -> tuple[torch.Tensor, torch.Tensor]:
     stream = TokenStream([Source(str(data_dir))], "val", micro_batch_size=BATCH * EVAL_ITERS, dp_rank=0, dp_size=1,
                          seed=1234, shuffle=False, seq_len=32)
-    stream.masking = masking_for("mlm" if arch == "mlm" else "clm", stream.manifest, 0.15, 1234)
+    stream.masking = masking_for("mlm" if arch == "mlm" else "clm", stream.manifest, 0.15, 1234, "val")
     inputs, targets, _ = next(iter(stream))
     return inputs, targets
 

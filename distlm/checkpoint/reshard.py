@@ -211,13 +211,14 @@ def load_resharded(engine, named_params: Iterable[tuple[str, torch.nn.Parameter]
 
 
 def load_weights(named_params: Iterable[tuple[str, torch.nn.Parameter]], groups, folder: str | Path,
-                 log: Callable[[str], None] = print) -> int:
+                 optimizer=None) -> int:
     """Set this rank's parameters from the model files in ``folder`` (fine-tuning); return their count.
 
-    Weights only: no optimizer state, no step, no random state. Call it on the module before the
-    engine is built (which then takes its fp32 masters, bf16 copies and ZeRO partitions from
-    it), on every rank: like :func:`load_resharded` it is a collective that fails on every rank
-    together, naming each parameter that does not fit.
+    Weights only: no optimizer state, no step, no random state. ``optimizer``: the engine's
+    (``engine.optimizer``), whose fp32 masters (ZeRO partitions, bf16 master copies) are set
+    along with the module's working copy; None sets the module's parameters alone (before an
+    engine exists). On every rank: like :func:`load_resharded` it is a collective that fails on
+    every rank together, naming each parameter that does not fit.
     """
     folder = Path(folder)
     load = _mmap_loader(folder)
@@ -231,10 +232,13 @@ def load_weights(named_params: Iterable[tuple[str, torch.nn.Parameter]], groups,
     except Exception as e:  # reported on every rank below, so none is left waiting in the exchange
         problems.append(str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}")
     _agree_on_fit(problems, named, weights, f"train.init_from={folder}",
-                  f"train.init_from={folder}: its weights do not fit this model",
-                  ". Keep the model.* sizes of the pretrained run (d_model, n_layers, n_heads, vocab_size, "
-                  "max_seq_len with learned positions, ...)")
+                  f"train.init_from={folder}: its weights do not fit this model")
+    access = OptimizerAccess(optimizer, [p for _, p in named])
     with torch.no_grad():
         for name, p in named:
-            p.copy_(_my_slice(weights.full("tensors", name), p, tp_rank, tp_size))
+            value = _my_slice(weights.full("tensors", name), p, tp_rank, tp_size)
+            if optimizer is None:
+                p.copy_(value)
+            else:
+                access.set_master(p, value)
     return len(named)

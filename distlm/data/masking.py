@@ -11,7 +11,7 @@ carry no content to predict, and a random EOS would fake a boundary. Attention i
 over the whole row, documents included (RoBERTa's FULL-SENTENCES packing); the EOS between
 them tells the model where one ends.
 
-The mask of a row is a function of (seed, the row's position in the stream) only: every
+The mask of a row is a function of (seed, split, the row's position in the stream) only: every
 tensor-parallel rank and pipeline stage of a replica builds the same one without talking, a
 resumed run masks its rows as the uninterrupted run did, and the same weights give the same
 masked loss under any layout. Tokenizers without a mask token (byte, char) get one extra id,
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import zlib
 
 import numpy as np
 
@@ -51,9 +53,12 @@ class MLMMasking:
     """Ids never chosen for prediction: EOS (document boundaries), BOS, PAD and the mask id."""
     prob: float = 0.15
     seed: int = 0
+    split_key: int = 0
+    """Keeps the masks of the splits apart: validation row i is not masked like training row i."""
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: dict, vocab_size: int, prob: float = 0.15, seed: int = 0) -> "MLMMasking":
+    def for_tokenizer(cls, tokenizer: dict, vocab_size: int, prob: float = 0.15, seed: int = 0,
+                      split: str = "train") -> "MLMMasking":
         """From a tokenizer summary (a manifest's ``tokenizer``, or ``to_dict()``) and its vocabulary size."""
         if not 0.0 < prob < 1.0:
             raise ValueError(f"mask probability must be in (0, 1); got {prob}")
@@ -64,11 +69,12 @@ class MLMMasking:
         replacements = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), never)
         if len(replacements) == 0:
             raise ValueError("the tokenizer has no ordinary ids to draw random replacements from")
-        return cls(mask_id=mask_id, replacements=replacements, never=never, prob=float(prob), seed=int(seed))
+        return cls(mask_id=mask_id, replacements=replacements, never=never, prob=float(prob), seed=int(seed),
+                   split_key=split_key(split))
 
     @classmethod
-    def for_manifest(cls, manifest, prob: float = 0.15, seed: int = 0) -> "MLMMasking":
-        return cls.for_tokenizer(manifest.tokenizer, manifest.vocab_size, prob, seed)
+    def for_manifest(cls, manifest, prob: float = 0.15, seed: int = 0, split: str = "train") -> "MLMMasking":
+        return cls.for_tokenizer(manifest.tokenizer, manifest.vocab_size, prob, seed, split)
 
     def apply(self, tokens: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mask ``tokens`` [rows, T] (int64); row i's pattern is drawn from (seed, ``positions[i]``)."""
@@ -76,7 +82,7 @@ class MLMMasking:
         targets = np.full_like(tokens, IGNORE_INDEX)
         eligible = ~np.isin(tokens, self.never)
         for i, position in enumerate(np.asarray(positions, dtype=np.int64).tolist()):
-            rng = np.random.default_rng([self.seed, _MLM_TAG, position])
+            rng = np.random.default_rng([self.seed, _MLM_TAG, self.split_key, position])
             draw = rng.random((3, tokens.shape[1]))
             chosen = (draw[0] < self.prob) & eligible[i]
             to_mask = chosen & (draw[1] < 0.8)
@@ -87,6 +93,11 @@ class MLMMasking:
         return inputs, targets
 
 
-def masking_for(objective: str, manifest, prob: float, seed: int) -> Optional[MLMMasking]:
-    """The masking a data stream applies for ``model.objective`` (None for causal LM)."""
-    return MLMMasking.for_manifest(manifest, prob, seed) if objective == "mlm" else None
+def split_key(split: str) -> int:
+    """0 for the training split (so its masks do not depend on the names of the others), else a hash."""
+    return 0 if split == "train" else zlib.crc32(split.encode("utf-8"))
+
+
+def masking_for(objective: str, manifest, prob: float, seed: int, split: str) -> Optional[MLMMasking]:
+    """The masking a data stream of ``split`` applies for ``model.objective`` (None for causal LM)."""
+    return MLMMasking.for_manifest(manifest, prob, seed, split) if objective == "mlm" else None

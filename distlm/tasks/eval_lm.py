@@ -205,7 +205,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, split:
                               add_bos=_trained_with_bos(pre.config), masking=masking)
     else:
         source = shard_batches(data, split, model_len, batch_size, max_batches, explicit_len=seq_len is not None,
-                               masking=(lambda m: mlm_masking(pre, m.tokenizer, m.vocab_size, mask_seed)) if mlm
+                               masking=(lambda m: mlm_masking(pre, m.tokenizer, m.vocab_size, mask_seed, split)) if mlm
                                else None, check_tokenizer=lambda data_tok: _check_tokenizers(pre, data_tok, data))
         source.tokenizer = source.tokenizer or pre.tokenizer(tokenizer)
         _check_vocab(pre, source.tokenizer, data, tokenizer)
@@ -564,7 +564,7 @@ def batch_nats(model, inputs, targets, keep=None) -> tuple[float, int, int]:
     return float(nats), int((targets != IGNORE).sum()), int(correct)
 
 
-def mlm_masking(pre, tokenizer: dict, vocab_size: int, seed: Optional[int] = None):
+def mlm_masking(pre, tokenizer: dict, vocab_size: int, seed: Optional[int] = None, split: str = "val"):
     """BERT masking as the run masked its validation rows: its ``model.mask_prob``, and by
     default its ``data.seed``, so the same rows get the same masks and the run's logged
     validation loss is reproduced; the mask id must be one the model has an embedding for."""
@@ -573,7 +573,7 @@ def mlm_masking(pre, tokenizer: dict, vocab_size: int, seed: Optional[int] = Non
 
     if seed is None:
         seed = int((pre.config.get("data") or {}).get("seed", 1234))
-    masking = MLMMasking.for_tokenizer(tokenizer, vocab_size, pre.model_config.mask_prob, seed)
+    masking = MLMMasking.for_tokenizer(tokenizer, vocab_size, pre.model_config.mask_prob, seed, split)
     if masking.mask_id >= pre.model_config.vocab_size:
         raise CheckpointError(f"{pre.folder}: the masked-LM model has {pre.model_config.vocab_size} ids, none "
                               f"for the mask id {masking.mask_id} of this tokenizer; it was trained with another "

@@ -113,44 +113,51 @@ def resume(path: Path, engine, model, cfg: Config, groups: ParallelGroups, ctx: 
     return state
 
 
-def initialise_from(path: str, model, cfg: Config, groups: ParallelGroups, ctx: DistContext,
+def initialise_from(path: str, engine, model, cfg: Config, groups: ParallelGroups, ctx: DistContext,
                     log: Callable[[str], None]) -> Path:
     """Fine-tuning: this rank's weights from the checkpoint ``path`` (any layout), nothing else.
 
-    Rank 0 finds and verifies the checkpoint (hashes); every rank then reads the slices it holds.
-    Call before the engine is built: the optimizer starts fresh from these weights.
+    Rank 0 finds and verifies the checkpoint (hashes); every rank then checks the pretrained
+    model is this config's and writes the slices it holds where the engine keeps them (the fp32
+    masters, so a bf16 run does not round the pretrained weights, and the working copy). The
+    optimizer state, step and data position stay fresh.
     """
     from distlm.checkpoint.pretrained import resolve_checkpoint
     from distlm.checkpoint.reshard import load_weights
 
     folder = Path(_on_main(ctx, lambda: str(resolve_checkpoint(path, log))))
-    try:
-        count = load_weights(canonical_params(model, cfg, groups), groups, folder, log)
-    except CheckpointError as e:
-        differ = _model_keys_that_differ(folder, cfg)
-        raise CheckpointError((f"the pretrained model has {', '.join(differ)}: " if differ else "") + str(e)) from None
+    differ = _model_keys_that_differ(folder, cfg)  # the same file on every rank: the same verdict
+    if differ:
+        raise CheckpointError(f"train.init_from={folder}: the pretrained model is not this config's model: "
+                              f"{'; '.join(differ)}. Fine-tuning keeps the model; only model.objective, "
+                              f"model.mask_prob, model.dropout and model.init_std may change")
+    count = load_weights(canonical_params(model, cfg, groups), groups, folder, engine.optimizer)
     log(f"fine-tuning from {folder}: {count} weight tensors loaded (train.init_from); the optimizer, "
         f"step and data position start fresh")
     return folder
 
 
-# The model keys that decide the shapes of the weights (objective may differ: mlm adds a mask row).
-_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "mlp", "norm", "pos", "bias",
-               "tie_embeddings")
+# Every model key but these must be the pretrained model's: the others change the function the
+# weights compute (norm, positions, rope_theta, ...) even where the shapes agree.
+_FREE_KEYS = {"objective", "mask_prob", "dropout", "init_std", "max_seq_len"}
 
 
 def _model_keys_that_differ(folder: Path, cfg: Config) -> list[str]:
+    """``model.KEY=saved (this config: mine)`` for each key of ``cfg.model`` the checkpoint's differs in."""
     from distlm.checkpoint.pretrained import saved_config
 
-    try:
-        saved = saved_config(folder).get("model", {})
-    except CheckpointError:
-        return []
+    saved = saved_config(folder).get("model", {})
     mine = to_dict(cfg)["model"]
-    keys = [k for k in _SHAPE_KEYS if k in saved and saved[k] != mine.get(k)]
-    if saved.get("pos") == mine.get("pos") == "learned" and saved.get("max_seq_len") != mine.get("max_seq_len"):
+    keys = [k for k in mine if k not in _FREE_KEYS and k in saved and saved[k] != mine[k]]
+    # Learned positions are a table of max_seq_len rows; computed ones (rope, sinusoidal) extend.
+    if mine["pos"] == "learned" and saved.get("max_seq_len") != mine["max_seq_len"]:
         keys.append("max_seq_len")
-    return [f"model.{k}={saved[k]} (this config: {mine.get(k)})" for k in keys]
+    out = [f"model.{k}={saved.get(k)} (this config: {mine[k]})" for k in keys]
+    if "vocab_size" in keys and saved.get("objective", "clm") != mine["objective"] == "mlm":
+        out.append(f"masked LM adds a mask id where the tokenizer has none, so a causal model of "
+                   f"{saved.get('vocab_size')} ids cannot become one; pretrain with model.objective=mlm, or "
+                   f"prepare the data with a tokenizer that has a mask token (distlm tokenizer train)")
+    return out
 
 
 def canonical_params(model, cfg: Config, groups: ParallelGroups) -> list:

@@ -69,8 +69,9 @@ def resume_plan(cfg: Config, saved: dict, rows_consumed: int, log: Callable[[str
 
 
 def _objective(stream: TokenStream, cfg: Config) -> TokenStream:
-    """Masked LM: the stream masks its rows (seeded by data.seed and each row's position)."""
-    stream.masking = masking_for(cfg.model.objective, stream.manifest, cfg.model.mask_prob, cfg.data.seed)
+    """Masked LM: the stream masks its rows (seeded by data.seed, the split and each row's position)."""
+    stream.masking = masking_for(cfg.model.objective, stream.manifest, cfg.model.mask_prob, cfg.data.seed,
+                                 stream.split_name)
     return stream
 
 

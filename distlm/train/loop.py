@@ -148,15 +148,15 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
 
     rng = seed_random(cfg.train.seed, groups, ctx.device)
     model = build_model(cfg, groups, rng)
-    if cfg.train.init_from and resume_from is None:  # fine-tuning: pretrained weights, all else fresh
-        initialise_from(cfg.train.init_from, model, cfg, groups, ctx, log.info)
-    elif cfg.train.init_from:
-        log.info(f"train.init_from={cfg.train.init_from} is not read: the run resumes from its own {resume_from}")
     n_params = full_model_params(cfg)
     report = LayoutReport(cfg, groups, batch, model, log.info)  # before ZeRO-3 partitions the weights
     guard = supervisor.guard  # vetoes NaN/Inf and spiking updates from inside the optimizer step
     engine = build_engine(model, parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings),
                           cfg, batch, ctx.device, groups.mpu, guard=guard)
+    if cfg.train.init_from and resume_from is None:  # fine-tuning: pretrained weights, all else fresh
+        initialise_from(cfg.train.init_from, engine, model, cfg, groups, ctx, log.info)
+    elif cfg.train.init_from:
+        log.info(f"train.init_from={cfg.train.init_from} is not read: the run resumes from its own {resume_from}")
     # Every rank of a model replica (its tp ranks and stages) reads the replica's rows; one of
     # them counts them for the digest and the damaged-row totals.
     counts_data = groups.coords.tp_rank == 0 and groups.coords.stage == 0
