@@ -132,8 +132,8 @@ def initialise_from(path: str, engine, model, cfg: Config, groups: ParallelGroup
                               f"{'; '.join(differ)}. Fine-tuning keeps the model; only model.objective, "
                               f"model.mask_prob, model.dropout and model.init_std may change")
     count = load_weights(canonical_params(model, cfg, groups), groups, folder, engine.optimizer)
-    log(f"fine-tuning from {folder}: {count} weight tensors loaded (train.init_from); the optimizer, "
-        f"step and data position start fresh")
+    log(f"fine-tuning from {folder} (train.init_from): its weights loaded ({count} tensors on rank 0); the "
+        f"optimizer, step and data position start fresh")
     return folder
 
 
