@@ -149,7 +149,7 @@ def test_mlm_training_beats_the_unigram_entropy(shakespeare_char):
                                         pos="rope", objective="mlm"), seed=1)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         batches = iter(train)
-        for _ in range(250):
+        for _ in range(400):
             x, y, _ = next(batches)
             loss = model(x, y)
             optimizer.zero_grad()
