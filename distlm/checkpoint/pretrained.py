@@ -150,13 +150,32 @@ def _materialize_buffers(model: torch.nn.Module, cfg) -> torch.nn.Module:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """``auto``: the GPU when there is one, else the CPU; ``cpu`` or ``cuda[:N]`` as given."""
+    """``--device``: ``auto`` (the GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    A device that cannot be used here is a ConfigError naming the flag (exit 2).
+    """
+    from distlm.config import ConfigError
+
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:  # torch's own message for a string that names no device
+        raise ConfigError(f"--device {requested} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {requested}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"--device {requested}: this machine has no CUDA device; use --device cpu")
+        raise ConfigError(f"--device {requested}: this machine has no CUDA device; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise CheckpointError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA "
-                              f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise ConfigError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (a GPU of compute capability 8.0+).
+
+    Not ``torch.cuda.is_bf16_supported()``: it asks about the current GPU, not ``device``, and
+    also says yes where bf16 is only emulated (slowly). On a CPU bf16 is slower and less exact.
+    """
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)

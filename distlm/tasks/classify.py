@@ -315,24 +315,10 @@ def check_settings(steps, batch_size, lr, weight_decay, warmup_steps, decay, eva
 
 
 def resolve_device(requested: str):
-    """The torch device for ``--device``; a ConfigError (exit 2) names the flag when it cannot be used."""
-    import torch
-
-    from distlm.checkpoint.errors import CheckpointError
+    """The torch device for ``--device`` (a ConfigError, exit 2, names the flag when it cannot be used)."""
     from distlm.checkpoint.pretrained import pick_device
 
-    try:
-        device = pick_device(requested)
-    except CheckpointError as e:
-        raise _config_error(str(e)) from None
-    except RuntimeError:
-        raise _config_error(f"--device {requested!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise _config_error(f"--device {requested!r}: use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise _config_error(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                            f"numbered from 0")
-    return device
+    return pick_device(requested)
 
 
 def resolve_autocast(requested: str, device):
@@ -343,9 +329,9 @@ def resolve_autocast(requested: str, device):
         raise _config_error(f"--dtype must be auto, fp32 or bf16; got {requested!r}")
     if requested == "fp32":
         return None
-    # Native bfloat16 on the device that trains (Ampere and later): torch.cuda.is_bf16_supported()
-    # asks about the current device only, and also answers yes where bf16 is merely emulated (slowly).
-    native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    from distlm.checkpoint.pretrained import native_bf16
+
+    native = native_bf16(device)
     if requested == "auto":
         return torch.bfloat16 if native else None
     if device.type == "cuda" and not native:

@@ -183,14 +183,10 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, data: str | os.PathLike, split:
     import torch
 
     from distlm.checkpoint.pretrained import load_pretrained, pick_device
-    from distlm.config import ConfigError
 
     _check_counts(batch_size, max_batches, seq_len)
     t0 = time.monotonic()
-    try:
-        dev = pick_device(device)
-    except RuntimeError as e:  # torch's own message for a string that names no device
-        raise ConfigError(f"--device {device}: {e}; use auto, cpu, cuda or cuda:N") from None
+    dev = pick_device(device)
     _pick_dtype(dtype, dev, {})  # a wrong flag or data path fails before the weights are read
     text = _is_text(data)
     pre = load_pretrained(ckpt, device=dev, dtype=torch.float32, log=log)
@@ -230,13 +226,14 @@ def _pick_dtype(name: str, device, config: dict):
     validation loss is reproduced, and never on a CPU, where bf16 is slower and less exact."""
     import torch
 
+    from distlm.checkpoint.pretrained import native_bf16
     from distlm.config import ConfigError
 
     if name not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     if name == "auto":
         trained_bf16 = (config.get("train") or {}).get("precision") == "bf16"
-        name = "bf16" if device.type == "cuda" and trained_bf16 and torch.cuda.is_bf16_supported() else "fp32"
+        name = "bf16" if trained_bf16 and native_bf16(device) else "fp32"
     return torch.bfloat16 if name == "bf16" else torch.float32
 
 

@@ -306,16 +306,16 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
 
 
 def resolve_dtype(requested: str, device):
-    """``auto``: bf16 on a CUDA device that supports it (half the memory traffic), else fp32."""
+    """``auto``: bf16 on a GPU that computes in it natively (half the memory traffic), else fp32."""
     import torch
+
+    from distlm.checkpoint.pretrained import native_bf16
 
     if requested == "fp32":
         return torch.float32
     if requested == "bf16":
         return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def encode_prompt(tokenizer, text: str):
@@ -358,10 +358,7 @@ def run(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    try:
-        device = pick_device(args.device)
-    except RuntimeError as e:  # torch's own message for a string that names no device
-        raise ConfigError(f"--device {args.device}: {e}; use auto, cpu, cuda or cuda:N") from None
+    device = pick_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     loaded = load_pretrained(args.checkpoint, device=device, dtype=dtype, log=log)
     model = loaded.model
