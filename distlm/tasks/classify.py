@@ -314,13 +314,6 @@ def check_settings(steps, batch_size, lr, weight_decay, warmup_steps, decay, eva
     return settings, val_fraction
 
 
-def resolve_device(requested: str):
-    """The torch device for ``--device`` (a ConfigError, exit 2, names the flag when it cannot be used)."""
-    from distlm.checkpoint.pretrained import pick_device
-
-    return pick_device(requested)
-
-
 def resolve_autocast(requested: str, device):
     """The autocast dtype for ``--dtype`` (None: plain float32). Weights and AdamW stay float32."""
     import torch
@@ -370,10 +363,10 @@ def finetune_classifier(ckpt: str | os.PathLike, train_path: str | os.PathLike, 
 
     import torch
 
-    from distlm.checkpoint.pretrained import load_pretrained
+    from distlm.checkpoint.pretrained import load_pretrained, pick_device
     from distlm.model.classifier import default_pooling
 
-    torch_device = resolve_device(device)
+    torch_device = pick_device(device)  # a ConfigError (exit 2) names --device when it cannot be used
     autocast = resolve_autocast(dtype, torch_device)
     pretrained = load_pretrained(ckpt, device="cpu", log=log)
     cfg = pretrained.model.cfg
