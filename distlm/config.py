@@ -149,6 +149,11 @@ class TrainConfig:
     """Peak FLOP/s of one device for MFU; None uses a known GPU's datasheet value (none on CPU)."""
     threads: Optional[int] = None
     """torch intra-op threads per process; None keeps torch's (or OMP_NUM_THREADS's) choice."""
+    compile: bool = False
+    """``torch.compile`` the training forward pass (kernels fused by Inductor): the whole forward
+    and loss with pp = 1, each block of the stage with pp > 1. The first steps pay the compile
+    time (seconds to minutes); weights, checkpoints and hooks are unchanged. Not with ZeRO 3, nor
+    with activation checkpointing under pp > 1 (or under tp > 1 with dropout)."""
     init_from: Optional[str] = None
     """Fine-tuning: start from this checkpoint's weights (a run folder, or one checkpoint folder;
     any layout), with a fresh optimizer, step 0 and this config's schedule and data. Ignored once
@@ -450,6 +455,17 @@ def validate(cfg: Config, world_size: int = 1) -> BatchLayout:
     need(m.init_std > 0 and m.norm_eps > 0, "model.init_std and model.norm_eps must be positive")
     need(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops must be positive (or unset)")
     need(t.threads is None or t.threads >= 1, "train.threads must be at least 1 (or unset)")
+    need(not (t.compile and p.zero_stage == 3),
+         "train.compile=true with parallel.zero_stage=3: ZeRO 3 gathers each layer's weights in module "
+         "hooks that torch.compile would trace; use ZeRO 1 or 2, or train.compile=false")
+    need(not (t.compile and p.activation_checkpointing and p.pp > 1),
+         "train.compile=true with parallel.activation_checkpointing=true and parallel.pp > 1: DeepSpeed's "
+         "pipeline recomputes ranges of layers outside the compiled code, which torch.compile cannot follow; "
+         "turn one of them off")
+    need(not (t.compile and p.activation_checkpointing and p.tp > 1 and m.dropout > 0),
+         "train.compile=true with parallel.activation_checkpointing=true, parallel.tp > 1 and model.dropout > 0: "
+         "the recomputation replays each tensor-parallel rank's dropout stream, which torch.compile cannot "
+         "trace; set model.dropout=0 (usual in pretraining) or turn one of the others off")
     kv = m.n_kv_heads if m.n_kv_heads is not None else m.n_heads
     need(1 <= kv <= m.n_heads and m.n_heads % kv == 0,
          f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")

@@ -492,7 +492,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tp = tp or TPGroup.single()
         self.checkpoint_activations = checkpoint_activations
-        self.recompute = recompute_function(rng)
+        # The tensor-parallel stream only draws dropout masks: without dropout there is nothing
+        # to replay, and plain recomputation is one torch.compile can trace (train.compile).
+        self.recompute = recompute_function(rng if cfg.dropout > 0 else None)
         # These state-dict names (tok_emb, positions.pos_emb, blocks.N, head.norm_f, head.lm_head)
         # are the canonical ones that checkpoints of every layout are consolidated to.
         self.tok_emb = token_embedding(cfg, self.tp)

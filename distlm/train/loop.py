@@ -30,6 +30,7 @@ from distlm.parallel import launch_env
 from distlm.parallel.distributed import all_reduce_mean, init_distributed, shutdown_distributed
 from distlm.parallel.layout import Layout, ParallelGroups, ranks_per_node_from_env
 from distlm.train.engine import build_engine, set_learning_rate
+from distlm.train.compile import compile_for_training
 from distlm.train.checkpointing import choose_resume, initialise_from, make_saver, resume
 from distlm.train.data import DataCounters, DataDigest, align_skipped_rows, data_state, resume_plan, train_stream
 from distlm.train.evaluate import evaluate
@@ -148,6 +149,8 @@ def _train(cfg: Config, batch, has_val: bool, layout: Layout, ctx, log: RunLog, 
 
     rng = seed_random(cfg.train.seed, groups, ctx.device)
     model = build_model(cfg, groups, rng)
+    if cfg.train.compile:
+        compile_for_training(model, cfg.model.dropout, log.info)
     n_params = full_model_params(cfg)
     report = LayoutReport(cfg, groups, batch, model, log.info)  # before ZeRO-3 partitions the weights
     guard = supervisor.guard  # vetoes NaN/Inf and spiking updates from inside the optimizer step
