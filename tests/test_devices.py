@@ -62,11 +62,16 @@ def test_adamw_is_fused_on_cuda_and_foreach_on_cpu():
 def test_deepspeed_config_follows_distlm_config_and_passthrough():
     cfg = load_config(None, ["data.path=x", "train.batch_size=32", "train.micro_batch_size=4",
                              "parallel.zero_stage=2", "train.precision=bf16", "optim.grad_clip=0.5",
-                             "deepspeed.zero_optimization.overlap_comm=true"])
+                             "deepspeed.zero_optimization.reduce_bucket_size=1000000"])
     ds = deepspeed_config(cfg, batch_layout(cfg, 2))
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
     # reduce each gradient slice to its owner, not all-reduce everything (1.5x the bytes)
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "use_multi_rank_bucket_allreduce": False}
+    # (and overlap that with the backward pass); the user's deepspeed: section merged on top
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "use_multi_rank_bucket_allreduce": False,
+                                       "reduce_bucket_size": 1000000}
+    no_overlap = load_config(None, ["data.path=x", "parallel.zero_stage=1",
+                                    "deepspeed.zero_optimization.overlap_comm=false"])
+    assert deepspeed_config(no_overlap, batch_layout(no_overlap, 2))["zero_optimization"]["overlap_comm"] is False
     assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 0.5
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}  # bf16 gradients summed in fp32
     # plain fp32: DeepSpeed clips at the step, through distlm's clip_fp32_gradients (engine.py)
