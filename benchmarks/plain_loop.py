@@ -6,11 +6,19 @@ are random windows of an in-memory token array (nanoGPT's get_batch), so the bas
 data-loading cost at all. Prints one JSON line: tokens/s over the timed steps.
 
     python benchmarks/plain_loop.py CONFIG.yaml --tokens FILE.npy --steps 200 --warmup 20 [key=value ...]
+
+On a GPU (``--device cuda``) it is nanoGPT's loop: fp32 weights, ``--precision bf16`` runs the
+forward under ``torch.autocast`` in bfloat16, AdamW is torch's fused kernel, batches are copied
+from pinned memory without blocking, ``--compile`` wraps the model in ``torch.compile``, and the
+timed steps are bracketed by ``torch.cuda.synchronize()``; the JSON line then also holds
+``mem_bytes`` (peak allocated). The defaults (``--device cpu --precision fp32``, no compile) are
+the CPU loop exactly as before.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -30,6 +38,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: autocast the forward to bfloat16, weights and optimizer stay fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compiled in the warm-up)")
     args = parser.parse_args()
 
     cfg = load_config(args.config, args.overrides)
@@ -38,23 +50,39 @@ def main() -> None:
     cfg.model.max_seq_len = cfg.model.max_seq_len or seq_len
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
+    cuda = args.device == "cuda"
+    if cuda:
+        model.to("cuda")
+    optimizer_options = {"fused": True} if cuda else {}
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, **optimizer_options)
+    forward = torch.compile(model) if args.compile else model
+
+    def autocast():
+        if args.precision == "bf16":
+            return torch.autocast(device_type=args.device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def get_batch():
         starts = torch.randint(len(data) - seq_len - 1, (batch,))
         x = torch.stack([data[i:i + seq_len] for i in starts])
         y = torch.stack([data[i + 1:i + 1 + seq_len] for i in starts])
+        if cuda:
+            x = x.pin_memory().to("cuda", non_blocking=True)
+            y = y.pin_memory().to("cuda", non_blocking=True)
         return x, y
 
     total = args.warmup + args.steps
     for step in range(total):
         if step == args.warmup:
+            if cuda:
+                torch.cuda.synchronize()
             started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg.optim, total)
         x, y = get_batch()
-        loss = model(x, y)
+        with autocast():
+            loss = forward(x, y)
         loss.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -62,9 +90,14 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % args.log_every == 0:
             loss.item()  # the same host sync a logged step costs distlm
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    print(json.dumps({"tokens_per_s": args.steps * batch * seq_len / seconds, "steps": args.steps,
-                      "seconds": seconds, "final_loss": loss.item()}))
+    result = {"tokens_per_s": args.steps * batch * seq_len / seconds, "steps": args.steps,
+              "seconds": seconds, "final_loss": loss.item()}
+    if cuda:
+        result["mem_bytes"] = torch.cuda.max_memory_allocated()
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
