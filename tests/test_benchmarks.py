@@ -23,17 +23,22 @@ def _summary(script: str, args: list[str], pattern: str) -> tuple[float, ...]:
 
 
 def test_train_throughput_prints_both_figures_and_the_ratio():
-    plain, distlm, ratio = _summary("train_throughput.py", ["--steps", "10", "--warmup", "10", "--repeats", "1"],
+    plain, distlm, ratio = _summary("train_throughput.py", ["--steps", "10", "--warmup", "10", "--repeats", "1", "--no-compile"],
                                     r"plain_tokens_per_s=(\d+) distlm_tokens_per_s=(\d+) ratio=([\d.]+)")
     assert plain > 0 and distlm > 0
     assert ratio == pytest.approx(distlm / plain, rel=1e-2)
 
 
 def test_checkpoint_save_benchmark_prints_sync_async_and_the_ratio():
-    sync, blocked, ratio = _summary("checkpoint_save.py", ["--small", "--repeats", "1", "--steps", "4", "--save-every", "2"],
-                                    r"sync_save_s=([\d.]+) async_blocked_s=([\d.]+) ratio=([\d.]+)")
+    sync, blocked, ratio, save_mb_s, plain_mb_s, bandwidth_ratio = _summary(
+        "checkpoint_save.py", ["--small", "--repeats", "1", "--steps", "4", "--save-every", "2"],
+        r"sync_save_s=([\d.]+) async_blocked_s=([\d.]+) ratio=([\d.]+) "
+        r"save_mb_s=([\d.]+) plain_write_mb_s=([\d.]+) bandwidth_ratio=([\d.]+)")
     assert sync > 0 and blocked > 0
     assert ratio == pytest.approx(blocked / sync, rel=1e-3, abs=1e-4)
+    assert save_mb_s > 0 and plain_mb_s > 0 and bandwidth_ratio > 0
+    # Each figure is rounded on its own (MB/s to 2 decimals, the ratio to 4).
+    assert bandwidth_ratio == pytest.approx(save_mb_s / plain_mb_s, rel=1e-2, abs=1e-4)
 
 
 def test_exporter_overhead_times_each_part_of_the_exporters_work():
