@@ -1,10 +1,12 @@
 """Training tokens/s: distlm (world size 1) against a plain PyTorch loop, back to back.
 
 Prepares the data once (tiny Shakespeare from ../shared/data when present, else the Python
-standard library's source), then alternates the two loops ``--repeats`` times on the same
-model and batch, and prints each one's best tokens/s, their ratio distlm / plain, and the median
-of the per-repeat ratios. Both exclude start-up: distlm's figure comes from metrics.jsonl's elapsed time
-between the end of the warm-up and the last step.
+standard library's source), then alternates the loops ``--repeats`` times on the same model and
+batch: the plain loop, ``distlm train`` as configured, and ``distlm train`` with
+``train.compile=true`` (skip it with ``--no-compile``). Prints each one's best tokens/s, the
+ratios distlm / plain, and the medians of the per-repeat ratios. All exclude start-up (and the
+compilation, which happens in the first step): distlm's figure comes from metrics.jsonl's
+elapsed time between the end of the warm-up and the last step.
 
     python benchmarks/train_throughput.py [--config configs/shakespeare-char-cpu.yaml] [--steps 200] [--repeats 5]
 """
@@ -82,7 +84,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("overrides", nargs="*", help="config overrides for both loops")
+    parser.add_argument("--no-compile", action="store_true", help="skip the train.compile=true runs")
+    parser.add_argument("overrides", nargs="*", help="config overrides for all loops")
     args = parser.parse_args()
     if args.warmup % 10:
         sys.exit("--warmup must be a multiple of 10 (distlm logs every 10 steps)")
@@ -102,20 +105,32 @@ def main() -> None:
         # Both loops build the same model: pin the sizes distlm would read from the manifest.
         overrides = [*args.overrides, f"model.vocab_size={manifest.vocab_size}",
                      f"train.seq_len={cfg.train.seq_len or manifest.seq_len}"]
-        plain_tps, distlm_tps = [], []
+        plain_tps, distlm_tps, compiled_tps = [], [], []
         for i in range(args.repeats):
             plain_tps.append(plain(args.config, overrides, tokens, args.steps, args.warmup))
             distlm_tps.append(distlm(args.config, overrides, data_dir, work / f"run{i}", args.steps, args.warmup))
-            print(f"repeat {i + 1}: plain {plain_tps[-1]:,.0f} tok/s, distlm {distlm_tps[-1]:,.0f} tok/s",
-                  flush=True)
+            line = f"repeat {i + 1}: plain {plain_tps[-1]:,.0f} tok/s, distlm {distlm_tps[-1]:,.0f} tok/s"
+            if not args.no_compile:
+                compiled_tps.append(distlm(args.config, [*overrides, "train.compile=true"], data_dir,
+                                           work / f"compiled{i}", args.steps, args.warmup))
+                line += f", distlm compiled {compiled_tps[-1]:,.0f} tok/s"
+            print(line, flush=True)
     # This machine's speed drifts by tens of percent from minute to minute (a shared host), so
     # one pair proves little. The best of several repeats is each loop's least disturbed run
-    # (timeit's rule); the median of the paired ratios, each from two back-to-back runs, is the
+    # (timeit's rule); the median of the paired ratios, each from back-to-back runs, is the
     # cross-check. Both are printed; `ratio` is best / best.
-    paired = statistics.median(d / p for d, p in zip(distlm_tps, plain_tps))
     p, d = max(plain_tps), max(distlm_tps)
-    print(f"config={args.config} steps={args.steps} repeats={args.repeats} plain_tokens_per_s={p:.0f} "
-          f"distlm_tokens_per_s={d:.0f} ratio={d / p:.3f} median_paired_ratio={paired:.3f}")
+    summary = (f"config={args.config} steps={args.steps} repeats={args.repeats} plain_tokens_per_s={p:.0f} "
+               f"distlm_tokens_per_s={d:.0f} ratio={d / p:.3f} median_paired_ratio={_paired(distlm_tps, plain_tps):.3f}")
+    if compiled_tps:
+        c = max(compiled_tps)
+        summary += (f" compiled_tokens_per_s={c:.0f} compiled_ratio={c / p:.3f} "
+                    f"compiled_median_paired_ratio={_paired(compiled_tps, plain_tps):.3f}")
+    print(summary)
+
+
+def _paired(own: list[float], baseline: list[float]) -> float:
+    return statistics.median(o / b for o, b in zip(own, baseline))
 
 if __name__ == "__main__":
     main()
