@@ -289,10 +289,10 @@ def worker(args: argparse.Namespace) -> None:
     groups = ParallelGroups(layout, ctx.rank)
     rng = seed_random(cfg.train.seed, groups, ctx.device)
     model = build_model(cfg, groups, rng)
-    if getattr(cfg.train, "compile", False):  # as loop._train, where this distlm has train.compile
+    if cfg.train.compile:  # as loop._train
         from distlm.train.compile import compile_for_training
 
-        compile_for_training(model, say)
+        compile_for_training(model, cfg.model.dropout, say)
     guard = StepGuard(cfg.fault.spike_factor, cfg.fault.spike_window)  # as the Supervisor builds it
     engine = build_engine(model, parameter_groups(model, cfg.optim.weight_decay, cfg.optim.decay_embeddings),
                           cfg, batch, ctx.device, groups.mpu, guard=guard)

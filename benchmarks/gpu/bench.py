@@ -138,7 +138,7 @@ VARIANTS = {v.name: v for v in (
 # the first eight (~410 s) fit the default --budget of 420 s; the last four (1b with activation
 # checkpointing, the compiled plain loops) are for a second call (README.md).
 GPU_ORDER = [
-    ("1b", "distlm+compile", 120), ("1b", "plain", 30), ("1b", "distlm", 40),
+    ("1b", "plain", 30), ("1b", "distlm", 40), ("1b", "distlm+compile", 120),
     ("125m", "plain", 15), ("125m", "distlm", 20), ("125m", "distlm+compile", 55),
     ("125m", "distlm+ckpt", 22), ("125m", "distlm+ckpt+compile", 50),
     ("1b", "distlm+ckpt", 45), ("1b", "distlm+ckpt+compile", 85),
@@ -433,7 +433,14 @@ NEEDED_MODULES = ("yaml", "numpy", "zstandard", "webdataset", "deepspeed", "pyda
 
 
 def missing_modules() -> list[str]:
-    return [m for m in NEEDED_MODULES if util.find_spec(m) is None]
+    missing = [m for m in NEEDED_MODULES if util.find_spec(m) is None]
+    if not missing:  # present is not enough: a wheel built against other versions fails on import
+        probe = subprocess.run([sys.executable, "-c", "import deepspeed, distlm.train.loop"], capture_output=True,
+                               text=True, timeout=300)
+        if probe.returncode != 0:
+            missing.append("(import of deepspeed and distlm.train.loop failed: "
+                           + (probe.stderr.strip().splitlines() or ["?"])[-1] + ")")
+    return missing
 
 
 # --------------------------------------------------------------------------- correctness
@@ -473,21 +480,28 @@ def correctness(args, out: Out, work: Path, check: Size, device: str) -> dict:
             keep_run_files(run_dir, out.path / "runs" / p.name)
     result = {"kind": "correctness", "tol": args.tol, "min_drop": args.min_drop, "losses": losses,
               "seconds": round(time.monotonic() - t0, 1), "runs": {p.name: p.status for p in procs}}
-    problems = []
+    # Only the eager runs decide whether anything is measured: a compiled run that fails (the
+    # first torch.compile on the lent machine: Triton, gcc, Python.h) costs the compiled rows,
+    # which are then skipped, not the whole run.
+    problems, compile_problems = [], []
     for p in procs:
-        if p.status != "ok" or None in losses[p.name.removeprefix("check-")]:
-            problems.append(f"{p.name}: {p.status}, {sum(x is not None for x in losses[p.name.removeprefix('check-')])}"
-                            f"/{check.total} steps logged\n{tail(p.log)}")
+        name = p.name.removeprefix("check-")
+        if p.status != "ok" or None in losses[name]:
+            (compile_problems if "compile" in name else problems).append(
+                f"{p.name}: {p.status}, {sum(x is not None for x in losses[name])}/{check.total} steps logged\n"
+                f"{tail(p.log)}")
     ref = losses["fp32"]
     worst = {}
     if not problems:
         for name in args.check:
+            if None in losses[name]:
+                continue  # already a compile problem
             diffs = [abs(a - b) / abs(b) if a is not None and b is not None and math.isfinite(a) else math.inf
                      for a, b in zip(losses[name], ref)]
             step = max(range(len(diffs)), key=lambda i: diffs[i])
             worst[name] = {"max_rel_diff": diffs[step], "at_step": step + 1}
             if diffs[step] > args.tol:
-                problems.append(f"{name}: step {step + 1} loss {losses[name][step]:.5f} vs fp32 {ref[step]:.5f}: "
+                (compile_problems if "compile" in name else problems).append(f"{name}: step {step + 1} loss {losses[name][step]:.5f} vs fp32 {ref[step]:.5f}: "
                                 f"relative difference {diffs[step]:.2e} > tolerance {args.tol:g}")
         drop = 1 - ref[-1] / ref[0]
         result["fp32_drop"] = drop
@@ -497,6 +511,7 @@ def correctness(args, out: Out, work: Path, check: Size, device: str) -> dict:
     result["worst"] = worst
     result["status"] = "ok" if not problems else "failed"
     result["problems"] = problems
+    result["compile_problems"] = compile_problems
     out.record(result)
     say("  step  " + "  ".join(f"{name:>14}" for name in losses))
     for s in range(check.total):
@@ -512,6 +527,8 @@ def correctness(args, out: Out, work: Path, check: Size, device: str) -> dict:
              f"tell a broken update from a working one)"))
     for problem in problems:
         say(f"CORRECTNESS FAILED: {problem}")
+    for problem in compile_problems:
+        say(f"COMPILED CHECK FAILED (the compiled variants are skipped): {problem}")
     say(f"correctness: {result['status']} ({result['seconds']:.0f} s)")
     return result
 
@@ -553,7 +570,7 @@ def throughput(args, out: Out, work: Path, size: Size, variant: Variant, data: P
         run_all([proc])
         if proc.status == "ok":
             try:
-                result = json.loads(log.read_text().strip().splitlines()[-1])
+                result = _last_json(log.read_text())
                 row["tokens_per_s"] = result["tokens_per_s"]
                 row["mem_bytes"] = result.get("mem_bytes")
                 row["final_loss"] = result.get("final_loss")
@@ -712,6 +729,12 @@ def main(argv=None) -> int:
             if check_result["status"] != "ok":
                 say(summary(check_result, rows, args, started))
                 return 2
+            if check_result["compile_problems"]:
+                for s, v, _ in [entry for entry in order if VARIANTS[entry[1]].compile]:
+                    row = {"kind": "throughput", "size": s, "variant": v, "status": "skipped (compiled check failed)"}
+                    out.record(row)
+                    rows.append(row)
+                order = [entry for entry in order if not VARIANTS[entry[1]].compile]
         if "throughput" in args.only:
             from synthdata import write_random_dataset
 
@@ -771,6 +794,17 @@ def main(argv=None) -> int:
     if check_result is not None and check_result["status"] != "ok":
         return 2
     return 124 if interrupted else 0
+
+
+def _last_json(text: str) -> dict:
+    """The last line of ``text`` that is a JSON object (stderr shares the log: warnings may follow it)."""
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise ValueError("no JSON line")
 
 
 if __name__ == "__main__":

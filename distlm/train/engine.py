@@ -31,12 +31,15 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict:
             "stage": cfg.parallel.zero_stage,
             # ZeRO 1/2 otherwise all-reduce every gradient and keep their slice: 1.5x the bytes
             # of reducing each slice to its owner (benchmarks/README.md, communication).
+            **({"use_multi_rank_bucket_allreduce": False} if cfg.parallel.zero_stage in (1, 2) else {}),
             # overlap_comm: reduce each full gradient bucket on a side stream while the backward
             # pass goes on (on a GPU; on the CPU the same code runs in order). It double-buffers
             # the bucket: 2 x reduce_bucket_size elements of device memory (set
             # deepspeed.zero_optimization.reduce_bucket_size to trade memory for fewer calls).
-            **({"use_multi_rank_bucket_allreduce": False, "overlap_comm": True}
-               if cfg.parallel.zero_stage in (1, 2) else {}),
+            # The pipeline engine cannot overlap (DeepSpeed turns it off with a warning per rank),
+            # and bf16 with ZeRO 1 runs DeepSpeed's BF16_Optimizer, which reduces after the
+            # backward pass whatever this says; use ZeRO 2 to overlap in bf16.
+            **({"overlap_comm": True} if cfg.parallel.zero_stage in (1, 2) and cfg.parallel.pp == 1 else {}),
         },
         # Our optimizer is torch's AdamW, which ZeRO handles correctly but does not list.
         "zero_allow_untested_optimizer": True,

@@ -32,6 +32,12 @@ class LayoutReport:
     def __init__(self, cfg: Config, groups: ParallelGroups, batch: BatchLayout, model: torch.nn.Module,
                  log: Callable[[str], None]):
         self.cfg, self.groups, self.batch, self.log = cfg, groups, batch, log
+        # Counting replaces torch.distributed's collectives for one step; compiled code that calls
+        # them (the tensor-parallel layers) would see new functions and recompile, this time with
+        # a graph break at every collective. Such runs are not counted.
+        self.counts_comms = not (cfg.train.compile and groups.layout.tp > 1)
+        if not self.counts_comms:
+            log("comms per step: not counted under train.compile with tp > 1 (counting would recompile the graph)")
         params = list(model.parameters())  # before ZeRO-3 partitions them
         self.rank_params = sum(p.numel() for p in params)
         threshold = cfg.deepspeed.get("zero_optimization", {}).get("stage3_param_persistence_threshold",
@@ -66,7 +72,7 @@ class LayoutReport:
     @contextlib.contextmanager
     def around_step(self, step: int, engine):
         """Wrap step ``step`` (0-based) of training."""
-        counter = CommsCounter(classify=self.groups.category) if step == COUNTED_STEP else None
+        counter = CommsCounter(classify=self.groups.category) if step == COUNTED_STEP and self.counts_comms else None
         with counter if counter is not None else contextlib.nullcontext():
             yield
         if step == 0:
