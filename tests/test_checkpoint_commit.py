@@ -113,8 +113,8 @@ def test_a_background_write_that_fails_in_any_way_fails_the_save(tmp_path):
     tmp = tmp_path / "step-00000002.tmp"
     tmp.mkdir()
     flight = _InFlight(2, tmp, FileWriter(tmp, 2), {})
-    flight.pending = [(tmp / "good.pt", {"x": torch.ones(2)}), (tmp / "bad.pt", {"f": lambda: 0}),
-                      (tmp / "after.pt", {"y": torch.ones(2)})]
+    flight.pending = [(tmp / "good.pt", {"x": torch.ones(2)}, False), (tmp / "bad.pt", {"f": lambda: 0}, False),
+                      (tmp / "after.pt", {"y": torch.ones(2)}, False)]
     flight.write_pending()
     assert "serializing" in flight.writer.error and "bad.pt" in flight.writer.error
     assert list(flight.writer.records) == ["good.pt"]
@@ -133,3 +133,23 @@ def test_an_async_snapshot_is_a_copy_that_keeps_deepspeeds_types():
     assert torch.equal(copy["w"], torch.zeros(4)) and torch.equal(copy["groups"][0]["t"], torch.zeros(2))
     assert type(copy) is OrderedDict and type(copy["shape"]) is torch.Size and copy["where"] == Address(0, 4)
     assert type(copy["where"]) is Address and copy["shape"].numel() == 4
+
+
+def test_async_snapshots_copy_into_the_previous_saves_memory():
+    """The training thread is blocked for the snapshot's copy: into memory already mapped, not fresh pages."""
+    from distlm.checkpoint.files import HostBuffers, snapshot
+
+    buffers = HostBuffers()
+    live = {"w": torch.arange(6.0).view(2, 3), "t": torch.arange(8.0)[::2], "step": 3}  # "t" is strided
+    first = snapshot(live, buffers)
+    assert torch.equal(first["t"], live["t"])
+    buffers.give_back(first)  # written: its tensors go back
+    live["w"] += 10
+    second = snapshot(live, buffers)
+    assert second["w"].data_ptr() == first["w"].data_ptr()  # the same memory, refilled
+    assert torch.equal(second["w"], torch.arange(6.0).view(2, 3) + 10) and second["step"] == 3
+    live["w"] += 1
+    assert torch.equal(second["w"], torch.arange(6.0).view(2, 3) + 10)  # still a copy, not a view
+    assert torch.equal(second["t"], torch.tensor([0.0, 2.0, 4.0, 6.0]))
+    third = snapshot(live, buffers)  # nothing given back since: new memory, never the snapshot in flight
+    assert third["w"].data_ptr() != second["w"].data_ptr()

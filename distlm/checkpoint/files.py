@@ -20,6 +20,7 @@ import errno
 import hashlib
 import io
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,26 +54,69 @@ def serialize(obj) -> bytes:
     return buffer.getvalue()
 
 
-def snapshot(obj):
+class HostBuffers:
+    """Host tensors kept from one asynchronous save for the next one's snapshot.
+
+    Copying a checkpoint's state into freshly allocated host memory is mostly page faults (the
+    kernel maps every page on first touch): 0.16 s for 420 MB here, against 0.05 s into memory
+    already mapped. The training thread is blocked for exactly that copy, so the tensors of a
+    written snapshot come back here (:meth:`give_back`) and the next snapshot copies into them;
+    every save has the same shapes. The cost: one host copy of the rank's state stays allocated
+    between saves (each save needs it anyway). On a GPU the buffers are pinned, which also
+    makes the device-to-host copy faster.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def copy_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if not tensor.is_contiguous() or tensor.is_sparse:
+            return tensor.to("cpu", copy=True)  # kept as it is: a strided copy preserves its layout
+        key = (tuple(tensor.shape), tensor.dtype)
+        with self._lock:
+            free = self._free.get(key)
+            buffer = free.pop() if free else None
+        if buffer is None:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+        return buffer.copy_(tensor)
+
+    def give_back(self, obj) -> None:
+        """Keep the tensors of a snapshot that is on disk now (containers are walked)."""
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type == "cpu" and obj.is_contiguous() and not obj.is_sparse:
+                with self._lock:
+                    self._free.setdefault((tuple(obj.shape), obj.dtype), []).append(obj)
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                self.give_back(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                self.give_back(value)
+
+
+def snapshot(obj, buffers: Optional[HostBuffers] = None):
     """A host-memory copy of a state object: what an asynchronous save keeps of its step.
 
-    One copy per tensor (a device-to-host copy on a GPU), containers rebuilt, small objects
-    deep-copied; serialization then happens in the background. Tensors that shared storage are
-    saved as separate tensors, as DeepSpeed's own pipeline save does (loading copies values).
+    One copy per tensor (a device-to-host copy on a GPU; into ``buffers``' tensors when given),
+    containers rebuilt, small objects deep-copied; serialization then happens in the background.
+    Tensors that shared storage are saved as separate tensors, as DeepSpeed's own pipeline save
+    does (loading copies values).
     """
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return buffers.copy_of(obj) if buffers is not None else obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         copied = type(obj)() if type(obj) in (dict, OrderedDict) else {}
         for key, value in obj.items():
-            copied[key] = snapshot(value)
+            copied[key] = snapshot(value, buffers)
         return copied
     if isinstance(obj, list):
-        return [snapshot(v) for v in obj]
+        return [snapshot(v, buffers) for v in obj]
     if isinstance(obj, torch.Size):
         return obj  # immutable; DeepSpeed's param_shapes are read back as torch.Size
     if isinstance(obj, tuple):
-        items = [snapshot(v) for v in obj]
+        items = [snapshot(v, buffers) for v in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if obj is None or isinstance(obj, (str, bytes, int, float, bool)):
         return obj

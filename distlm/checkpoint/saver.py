@@ -34,7 +34,7 @@ import torch
 from distlm.checkpoint import manifest as manifest_file
 from distlm.checkpoint.commit import TMP_SUFFIX, commit
 from distlm.checkpoint.errors import CheckpointError
-from distlm.checkpoint.files import FileWriter, snapshot
+from distlm.checkpoint.files import FileWriter, HostBuffers, snapshot
 from distlm.checkpoint.retention import steps_to_delete
 from distlm.checkpoint.select import delete_checkpoint, step_folders, step_of, tag_for
 from distlm.parallel.distributed import DistContext, all_gather_objects, all_reduce_sum, barrier
@@ -60,7 +60,8 @@ class _InFlight:
     tmp: Path
     writer: FileWriter
     config: dict
-    pending: list = field(default_factory=list)   # (path, snapshot or bytes) still to write
+    pending: list = field(default_factory=list)   # (path, snapshot or bytes, copied into buffers?) to write
+    buffers: Optional[HostBuffers] = None         # where a written snapshot's tensors go back
     blocked_s: float = 0.0                        # async: time the training thread spent on this save
     started: float = field(default_factory=time.perf_counter)
     thread: Optional[threading.Thread] = None
@@ -68,8 +69,10 @@ class _InFlight:
     def write_pending(self) -> None:
         try:
             while self.pending:
-                path, data = self.pending.pop(0)     # drop each snapshot as soon as it is on disk
+                path, data, pooled = self.pending.pop(0)  # drop each snapshot as soon as it is on disk
                 self.writer.write_object(path, data)
+                if pooled:
+                    self.buffers.give_back(data)      # the next save's snapshot copies into them
             self.writer.finish()
         except BaseException as e:  # anything lost here would otherwise commit an incomplete folder
             self.writer.error = self.writer.error or f"background write: {type(e).__name__}: {e}"
@@ -97,6 +100,7 @@ class Saver:
         # distlm's layout-free files (consolidate, export) do that job.
         engine._copy_recovery_script = lambda *args, **kwargs: None
         self._flight: Optional[_InFlight] = None
+        self._host_buffers = HostBuffers()  # async saves: the snapshot's memory, reused save after save
         # Called on every rank with (step, seconds from the start of the save to its commit) once
         # a save is committed: failed and still-writing saves never count as checkpoints.
         self.on_committed: Optional[Callable[[int, float], None]] = None
@@ -122,7 +126,9 @@ class Saver:
         flight = _InFlight(state.step, tmp, FileWriter(tmp, state.step), config)
         if self.options.async_save:
             def keep(path: Path, obj, fresh: bool = False) -> None:  # a host copy now; the rest in the background
-                flight.pending.append((path, obj if fresh else snapshot(obj)))
+                # Fresh objects are new every save: pooling them would grow the pool save after save.
+                flight.pending.append((path, obj, False) if fresh else (path, snapshot(obj, self._host_buffers), True))
+            flight.buffers = self._host_buffers
         else:
             def keep(path: Path, obj, fresh: bool = False) -> None:  # streamed: one file's bytes in memory at a time
                 flight.writer.write_object(path, obj)
