@@ -35,13 +35,13 @@ import re
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
+from corpus import prepare_small
+
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 DEFAULT_LAYOUTS = "tp1-pp1-dp2-zero1,tp2-pp1-dp1-zero1,tp1-pp2-dp1-zero1,tp2-pp2-dp1-zero1,tp2-pp1-dp2-zero2"
 SEQ_LEN = 64
 MODEL = ["model.n_layers=4", "model.d_model=64", "model.n_heads=4", "train.batch_size=8",
@@ -77,14 +77,8 @@ def nproc(sizes: dict) -> int:
 def prepare(work: Path) -> tuple[Path, int]:
     """Shards of tiny Shakespeare (or the stdlib's source), and their tokenizer's size."""
     from distlm.data import load_manifest
-    from distlm.data.prepare import prepare_corpus
 
-    if SHAKESPEARE.is_file():
-        inputs, tokenizer = [str(SHAKESPEARE)], "char"
-    else:
-        inputs, tokenizer = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:100], "byte"
-    out = work / "shards"
-    prepare_corpus(inputs, str(out), tokenizer=tokenizer, seq_len=SEQ_LEN, val_fraction=0, log=lambda *_: None)
+    out = prepare_small(work, SEQ_LEN, stdlib_files=100)
     return out, load_manifest(out).vocab_size
 
 

@@ -64,15 +64,15 @@ import signal
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
 import warnings
 from pathlib import Path
 
+from corpus import prepare_small
+
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 PHASES = ("data", "forward", "backward", "optimizer")
 PARTS = ("forward", "backward", "optimizer", "comm", "data", "other")
 LABELS = {"forward": "forward (excl. comm)", "backward": "backward (excl. comm)",
@@ -87,18 +87,6 @@ _SCAN_PREFIXES = ("deepspeed", "distlm")
 
 
 # ---------------------------------------------------------------------------- launching
-
-
-def prepare(work: Path, seq_len: int) -> Path:
-    from distlm.data.prepare import prepare_corpus
-
-    if SHAKESPEARE.is_file():
-        inputs, tokenizer = [str(SHAKESPEARE)], "char"
-    else:
-        inputs, tokenizer = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:200], "byte"
-    out = work / "shards"
-    prepare_corpus(inputs, str(out), tokenizer=tokenizer, seq_len=seq_len, val_fraction=0, log=lambda *_: None)
-    return out
 
 
 def launch(args: argparse.Namespace, data: Path) -> None:
@@ -413,7 +401,7 @@ def main() -> None:
 
     seq_len = load_config(args.config, args.overrides).train.seq_len or 64
     with tempfile.TemporaryDirectory() as tmp:
-        args.data = str(prepare(Path(tmp), seq_len))
+        args.data = str(prepare_small(Path(tmp), seq_len, stdlib_files=200))
         if args.nproc == 1:
             worker(args)
         else:

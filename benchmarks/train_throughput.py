@@ -18,26 +18,13 @@ import json
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from corpus import prepare_small
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def prepare(work: Path, seq_len: int) -> Path:
-    from distlm.data.prepare import prepare_corpus
-
-    if SHAKESPEARE.is_file():
-        inputs, tokenizer = [str(SHAKESPEARE)], "char"
-    else:
-        inputs, tokenizer = sorted(str(p) for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py")), "byte"
-    out = work / "shards"
-    prepare_corpus(inputs, str(out), tokenizer=tokenizer, seq_len=seq_len, val_fraction=0.1, log=lambda *_: None)
-    return out
 
 
 def training_tokens(data_dir: Path, work: Path) -> Path:
@@ -97,7 +84,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data_dir = prepare(work, cfg.train.seq_len or 64)
+        data_dir = prepare_small(work, cfg.train.seq_len or 64, val_fraction=0.1)
         tokens = training_tokens(data_dir, work)
         from distlm.data import load_manifest
 

@@ -53,3 +53,12 @@ def test_exporter_overhead_times_each_part_of_the_exporters_work():
     # is a difference of two timings and may round to 0).
     assert all(0 <= seconds < 1e-3 for seconds in parts.values()), parts
     assert parts["phases"] > 0 and parts["scrape"] > 0
+
+
+def test_loader_benchmark_prints_both_rates_and_their_ratio():
+    loader, bare, ratio = _summary("loader_throughput.py", ["--mb", "5", "--seq-len", "256", "--seconds", "1",
+                                                            "--repeats", "1"],
+                                   r"loader_tokens_per_s=(\d+) zstd_tokens_per_s=(\d+) ratio=([\d.]+)")
+    assert loader > 0 and bare > 0
+    # One repeat: the ratio is that run's, loader / zstd (decoding is part of both, so not above ~1).
+    assert ratio == pytest.approx(loader / bare, rel=1e-2) and ratio < 1.5
