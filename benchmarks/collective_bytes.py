@@ -32,14 +32,12 @@ import argparse
 import math
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from corpus import prepare_small
+from harness import prepare_small, run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LAYOUTS = "tp1-pp1-dp2-zero1,tp2-pp1-dp1-zero1,tp1-pp2-dp1-zero1,tp2-pp2-dp1-zero1,tp2-pp1-dp2-zero2"
@@ -95,17 +93,7 @@ def train(sizes: dict, data: Path, vocab: int, run_dir: Path, steps: int, timeou
            "-m", "distlm", *args]
     # As tests/helpers.run_distlm: one thread per rank, and torchrun's store not shared (pytorch#135712).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
-        out, _ = proc.communicate()
-        sys.exit(f"{name_of(sizes)}: distlm train ran past {timeout:.0f} s; killed\n{out[-4000:]}")
-    if proc.returncode != 0:
-        sys.exit(f"{name_of(sizes)}: distlm train exited {proc.returncode}\n{' '.join(cmd)}\n{out[-4000:]}")
-    return out
+    return run_group(cmd, env, timeout, f"{name_of(sizes)}: distlm train")
 
 
 def parse_report(out: str) -> dict:

@@ -60,9 +60,7 @@ import argparse
 import contextlib
 import functools
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -70,7 +68,7 @@ import time
 import warnings
 from pathlib import Path
 
-from corpus import prepare_small
+from harness import prepare_small, run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("data", "forward", "backward", "optimizer")
@@ -96,16 +94,7 @@ def launch(args: argparse.Namespace, data: Path) -> None:
            "--warmup", str(args.warmup), "--tp", str(args.tp), "--data", str(data), *args.overrides]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every rank it started
-        out, _ = proc.communicate()
-        sys.exit(f"the {args.nproc} processes ran past --timeout {args.timeout:.0f} s; killed\n{out[-4000:]}")
-    if proc.returncode != 0:
-        sys.exit(f"torchrun exited {proc.returncode}\n{' '.join(cmd)}\n{out[-6000:]}")
+    out = run_group(cmd, env, args.timeout, f"torchrun with {args.nproc} processes (--timeout)")
     lines = out.rstrip("\n").splitlines()
     summary = [line for line in lines if line.startswith("step_ms=")]
     for line in lines:

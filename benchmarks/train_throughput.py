@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from corpus import prepare_small
+from harness import prepare_small
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch._inductor.config
 
 from distlm.model.transformer import Block, Transformer
 
@@ -35,7 +34,9 @@ def compile_for_training(model: torch.nn.Module, dropout: float, log: Callable[[
         # not drop what an eager one drops, and the tensor-parallel rule (replicated activations
         # drop the same units on every tp rank) would rest on how it seeds. With this, compiled
         # dropout draws from torch's generators exactly as eager code does.
-        torch._inductor.config.fallback_random = True
+        from torch._inductor import config as inductor  # imported only to compile: it takes seconds
+
+        inductor.fallback_random = True
     if isinstance(model, Transformer):
         model.forward = torch.compile(model.forward)
         log("train.compile: the forward pass and loss are compiled as one graph; the first steps include "
