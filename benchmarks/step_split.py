@@ -226,25 +226,21 @@ class StepClock:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from distlm.config import load_config, validate
+    from distlm.config import load_config
     from distlm.data import make_loader
     from distlm.fault.bad_steps import StepGuard
     from distlm.model import parameter_groups
-    from distlm.parallel import launch_env
-    from distlm.parallel.distributed import all_gather_objects, init_distributed, shutdown_distributed
-    from distlm.parallel.layout import Layout, ParallelGroups, ranks_per_node_from_env
+    from distlm.parallel.distributed import all_gather_objects, shutdown_distributed
+    from distlm.parallel.layout import ParallelGroups
     from distlm.train.data import ResumePlan, align_skipped_rows, train_stream
     from distlm.train.engine import build_engine, set_learning_rate
-    from distlm.train.loop import resolve_from_data
-    from distlm.train.parallelize import build_model, check_model_fits, seed_random
+    from distlm.train.loop import start_process
+    from distlm.train.parallelize import build_model, seed_random
     from distlm.train.schedule import learning_rate
     from distlm.train.step import valid_token_weights
 
     # As loop.train: DeepSpeed 0.19.8 calls collectives that torch 2.13 renamed.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
-    placement = launch_env.resolve()
-    os.environ.update(placement.torch_env())
-    world_size = placement.world_size
     overrides = [*args.overrides, f"data.path={args.data}", f"parallel.tp={args.tp}"]
     cfg = load_config(args.config, overrides)
     if cfg.parallel.pp != 1:
@@ -254,14 +250,7 @@ def worker(args: argparse.Namespace) -> None:
         from distlm.data import load_manifest
 
         cfg.model.vocab_size = -(-load_manifest(args.data).vocab_size // args.tp) * args.tp
-    batch = validate(cfg, world_size)
-    cfg, _ = resolve_from_data(cfg)
-    layout = Layout.for_world(cfg.parallel.tp, cfg.parallel.pp, world_size, ranks_per_node_from_env())
-    check_model_fits(cfg, layout)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    ctx = init_distributed(cfg.train.device, timeout_s=cfg.fault.collective_timeout_s,
-                           rendezvous_timeout_s=cfg.fault.rendezvous_timeout_s, placement=placement)
+    cfg, batch, _, layout, ctx, _ = start_process(cfg)  # as distlm train starts
     say = print if ctx.is_main else (lambda *_a, **_k: None)
     groups = ParallelGroups(layout, ctx.rank)
     rng = seed_random(cfg.train.seed, groups, ctx.device)

@@ -83,6 +83,26 @@ def resolve_from_data(cfg: Config) -> tuple[Config, bool]:
     return cfg, all("val" in m.splits for _, m in manifests)
 
 
+def start_process(cfg: Config):
+    """A run's first steps on every rank: who this process is, the config checked against the
+    world and filled from the data, the layout, and the process group.
+
+    Returns ``(cfg, batch layout, has a val split, layout, DistContext, placement)``.
+    """
+    # Who this process is, from whichever launcher started it.
+    placement = launch_env.resolve(mpi_timeout_s=cfg.fault.rendezvous_timeout_s)
+    os.environ.update(placement.torch_env())  # one spelling (torchrun's) for everything that reads it
+    batch = validate(cfg, placement.world_size)  # before any process group starts
+    cfg, has_val = resolve_from_data(cfg)
+    layout = Layout.for_world(cfg.parallel.tp, cfg.parallel.pp, placement.world_size, ranks_per_node_from_env())
+    check_model_fits(cfg, layout)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    ctx = init_distributed(cfg.train.device, timeout_s=cfg.fault.collective_timeout_s,
+                           rendezvous_timeout_s=cfg.fault.rendezvous_timeout_s, placement=placement)
+    return cfg, batch, has_val, layout, ctx, placement
+
+
 def train(cfg: Config) -> dict:
     """Train until ``train.max_steps``; return the last logged metrics (rank 0) for callers.
 
@@ -92,18 +112,7 @@ def train(cfg: Config) -> dict:
     # DeepSpeed 0.19.8 calls collectives that torch 2.13 renamed (reduce_scatter_tensor, ...):
     # one warning per call would bury the log line.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*_single", category=FutureWarning)
-    # Who this process is, from whichever launcher started it.
-    placement = launch_env.resolve(mpi_timeout_s=cfg.fault.rendezvous_timeout_s)
-    os.environ.update(placement.torch_env())  # one spelling (torchrun's) for everything that reads it
-    world_size = placement.world_size
-    batch = validate(cfg, world_size)  # before any process group starts
-    cfg, has_val = resolve_from_data(cfg)
-    layout = Layout.for_world(cfg.parallel.tp, cfg.parallel.pp, world_size, ranks_per_node_from_env())
-    check_model_fits(cfg, layout)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    ctx = init_distributed(cfg.train.device, timeout_s=cfg.fault.collective_timeout_s,
-                           rendezvous_timeout_s=cfg.fault.rendezvous_timeout_s, placement=placement)
+    cfg, batch, has_val, layout, ctx, placement = start_process(cfg)
     run_dir = Path(cfg.run.dir)
     # Same config and code on every rank, a shared and writable run folder: or stop now (exit 6).
     try:
